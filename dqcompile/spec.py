@@ -16,7 +16,7 @@ from typing import Literal
 WEIGHT_BITS = (4, 6, 8)
 ACTIVATION_BITS = (6, 8, 16)
 ACTIVATION_MODES = ("dynamic_token", "dynamic_group", "static_tensor")
-METHODS = ("rtn",)
+METHODS = ("rtn", "ptq4dit", "qdit", "tqdit")
 
 ActivationMode = Literal["dynamic_token", "dynamic_group", "static_tensor"]
 
@@ -88,6 +88,38 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
+class PTQ4DiTOptions:
+    """PTQ4DiT (METHODS.md): channel-wise salience balancing, optionally Spearman-guided over timesteps.
+
+    ssc: weight each timestep's activation salience by softmax(-rho_t) (CSB + SSC); False: CSB
+    with saliences over all calibration data.
+    """
+
+    ssc: bool = True
+
+
+@dataclass(frozen=True)
+class QDiTOptions:
+    """Q-DiT (METHODS.md): per-layer group sizes, e.g. from the evolutionary search.
+
+    group_sizes: (layer name pattern, group size) pairs; the first match sets a layer's group size
+    for weights and activations alike; unmatched layers use the spec's weights.group_size.
+    """
+
+    group_sizes: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class TQDiTOptions:
+    """TQ-DiT (METHODS.md): multi-region, time-grouped, Hessian-guided quantization."""
+
+    mrq: bool = True
+    time_groups: int = 10
+    hessian: bool = True
+    quantize_attention: bool = True
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """The resolved settings of one linear layer (what the passes act on)."""
 
@@ -117,6 +149,9 @@ class QuantSpec:
     keep_float: tuple[tuple[str, str], ...] = DEFAULT_KEEP_FLOAT
     method: str = "rtn"
     name: str = "custom"
+    ptq4dit: PTQ4DiTOptions = field(default_factory=PTQ4DiTOptions)
+    qdit: QDiTOptions = field(default_factory=QDiTOptions)
+    tqdit: TQDiTOptions = field(default_factory=TQDiTOptions)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightSpec):
@@ -199,6 +234,9 @@ class QuantSpec:
         data["weights"] = WeightSpec(**data["weights"])
         data["activations"] = ActivationSpec(**data["activations"])
         data["keep_float"] = tuple(tuple(entry) for entry in data["keep_float"])
+        data["ptq4dit"] = PTQ4DiTOptions(**data["ptq4dit"])
+        data["qdit"] = QDiTOptions(**{**data["qdit"], "group_sizes": tuple(map(tuple, data["qdit"]["group_sizes"]))})
+        data["tqdit"] = TQDiTOptions(**data["tqdit"])
         return cls(**data)
 
 

@@ -74,6 +74,10 @@ class PassContext:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     calibration: list[dict[str, Any]] | None = None
     input_stats: dict[str, dict[float, ChannelStats]] = field(default_factory=dict)
+    # Layers whose inputs calibration must observe; analysis passes add to it.
+    observe: set[str] = field(default_factory=set)
+    # Free-form results of method passes (pairs found, balancing vectors, ...), keyed by pass.
+    annotations: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     # Rebuilding a saved model: the passes build the graph's structure, and the saved tensors then
     # replace every value, so calibration is skipped and statistics are placeholders.

@@ -6,6 +6,7 @@ from torch.fx import GraphModule
 
 from dqcompile.calib.runner import run_calibration
 from dqcompile.capture import CallBinding
+from dqcompile.methods import method_passes
 from dqcompile.passes.annotate_linears import annotate_linears
 from dqcompile.passes.context import PassContext
 from dqcompile.passes.lower_linears import lower_linears
@@ -19,8 +20,8 @@ def _checked(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def layers_to_observe(ctx: PassContext) -> set[str]:
-    """Layers whose input statistics the spec needs from calibration."""
+def static_layers(ctx: PassContext) -> set[str]:
+    """Layers whose activation parameters come from calibration statistics."""
     return {
         plan.name
         for plan in ctx.quantized_layers()
@@ -28,28 +29,36 @@ def layers_to_observe(ctx: PassContext) -> set[str]:
     }
 
 
-def needs_calibration(ctx: PassContext) -> bool:
-    return bool(layers_to_observe(ctx))
-
-
 def run_pipeline(gm: GraphModule, binding: CallBinding, ctx: PassContext) -> None:
-    """capture -> analyze -> observe + calibrate -> quantize weights -> lower, checking the graph after each."""
+    """capture -> analyze -> observe + calibrate -> method passes -> quantize weights -> lower.
+
+    The graph is linted after every stage. When ctx.restoring (load), calibration is skipped: the
+    passes only build the structure, and the saved tensors replace every value afterwards.
+    """
+    method = method_passes(ctx.spec.method)
     annotate_linears(gm, ctx)
-    observed = layers_to_observe(ctx)
-    if observed and ctx.restoring:
-        static_activation_params(gm, ctx)
-    elif observed:
+    for analysis in method.analyze:
+        analysis(gm, ctx)
+        _checked(gm)
+    ctx.observe |= static_layers(ctx)
+    if ctx.observe and not ctx.restoring:
         if not ctx.calibration:
             raise ValueError(
-                f"spec {ctx.spec.name!r} uses static activation quantization and needs calibration data: "
-                "pass calibration=... (see dqcompile.calibration_set)"
+                f"spec {ctx.spec.name!r} needs calibration data (static activations or method "
+                f"{ctx.spec.method!r}): pass calibration=... (see dqcompile.calibration_set)"
             )
-        insert_observers(gm, ctx, observed)
+        insert_observers(gm, ctx, ctx.observe)
         _checked(gm)
         run_calibration(gm, binding, ctx.calibration, progress=ctx.progress)
         remove_observers(gm, ctx)
         _checked(gm)
-        static_activation_params(gm, ctx)
+    for calibrated in method.calibrated:
+        calibrated(gm, ctx)
+        _checked(gm)
+    static_activation_params(gm, ctx)
     quantize_weights(gm, ctx)
     lower_linears(gm, ctx)
     _checked(gm)
+    for lowered in method.lowered:
+        lowered(gm, ctx)
+        _checked(gm)
