@@ -1,0 +1,91 @@
+"""Triton kernels for the dqcompile ops: integer GEMMs (gemm.py) and fused activation quantization (quantize.py).
+
+Importing this package registers the kernel set "triton" with `dqcompile.backends.register_kernels`:
+int_linear, int_matmul and quantize_act run on Triton; quantize_act_static and weight_only_linear have
+no Triton kernel yet and use the reference implementations. `ln_modulate_quantize` (LayerNorm + adaLN
+modulation + dynamic quantization in one kernel) is exported for the compile backend's fusion.
+
+The package imports on any machine. Without the `triton` package the kernel set is still registered,
+and requesting a kernel (calling it, or reading one of the names below) raises an ImportError that says
+what is missing. The kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before this
+package is imported (the Triton interpreter, used by the tests).
+
+    from dqcompile.backends import triton as triton_kernels
+    y = triton_kernels.triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 8, 0, torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dqcompile.backends import KernelSet, reference, register_kernels
+
+_KERNEL_NAMES = {
+    "GemmConfig": "gemm",
+    "choose_gemm_config": "gemm",
+    "gemm_candidate_configs": "gemm",
+    "set_autotune": "gemm",
+    "triton_int_linear": "gemm",
+    "triton_int_matmul": "gemm",
+    "weight_group_sums": "gemm",
+    "ln_modulate_quantize": "quantize",
+    "quantize_act": "quantize",
+}
+
+__all__ = ["is_available", "require_kernel_device", *sorted(_KERNEL_NAMES)]
+
+
+def is_available() -> bool:
+    """Whether the `triton` package is installed (kernels still need CUDA or the interpreter to run)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def require_kernel_device(*tensors: torch.Tensor) -> None:
+    """Raise a clear error unless the tensors can feed a Triton kernel (CUDA, or CPU under the interpreter)."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    for tensor in tensors:
+        if tensor.device.type != "cuda" and not (interpreting and tensor.device.type == "cpu"):
+            raise RuntimeError(f"dqcompile's Triton kernels need CUDA tensors, got one on {tensor.device} "
+                               "(CPU tensors run only under TRITON_INTERPRET=1; use the 'reference' backend)")
+
+
+def _missing_triton() -> ImportError:
+    return ImportError("dqcompile's Triton kernels need the `triton` package (pip install triton; it ships with "
+                       "torch's CUDA wheels on Linux); use the 'reference' backend otherwise")
+
+
+def __getattr__(name: str) -> Any:
+    """Load a kernel module on first use of one of its names."""
+    if name not in _KERNEL_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not is_available():
+        raise _missing_triton()
+    module = importlib.import_module(f"{__name__}.{_KERNEL_NAMES[name]}")
+    return getattr(module, name)
+
+
+def _kernel(name: str) -> Callable[..., Any]:
+    """A call-time proxy for kernel `name`, so registering the set imports no Triton code."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return __getattr__(name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+register_kernels(
+    "triton",
+    KernelSet(
+        quantize_act=_kernel("quantize_act"),
+        quantize_act_static=reference.quantize_act_static,
+        int_linear=_kernel("triton_int_linear"),
+        weight_only_linear=reference.weight_only_linear,
+        int_matmul=_kernel("triton_int_matmul"),
+    ),
+)
