@@ -56,6 +56,12 @@ class QuantizedModel(nn.Module):
         inputs, return_dict = self.binding.graph_kwargs(args, kwargs)
         return self.binding.wrap_output(self.graph_module(**inputs), return_dict)
 
+    def train(self, mode: bool = True) -> QuantizedModel:
+        """Sets the flag only: the graph was captured in eval mode (no dropout, no label drop), and an
+        exported graph module cannot switch modes."""
+        self.training = mode
+        return self
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedModel:
         probe = fn(torch.empty(0, dtype=self._dtype))
         if probe.dtype != self._dtype:

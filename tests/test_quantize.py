@@ -202,3 +202,11 @@ def test_dit_pipeline_end_to_end_with_quantized_transformer():
     quantized = images()
     assert quantized.shape == reference.shape == (3, 3, 8, 8)
     assert 0 < (quantized - reference).abs().max() < 0.1
+
+
+def test_train_and_eval_calls_are_accepted(dit_w8a8):
+    _, qmodel = dit_w8a8
+    assert qmodel.eval() is qmodel and not qmodel.training
+    qmodel.train()
+    assert qmodel.training
+    qmodel.eval()
