@@ -27,20 +27,25 @@ per-token (one group of length C) and per-group quantization, and any C (1152 is
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dqcompile.backends.triton import require_kernel_device
 from dqcompile.quant.uniform import MIN_SCALE
 
 __all__ = ["ln_modulate_quantize", "quantize_act"]
 
-# Adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
-# ties to even (the rounding of float32 addition), as torch.round does. Triton has no portable rint
-# (libdevice is not available in the interpreter). Larger magnitudes come out only approximately
-# rounded, but keep their sign and size, and those are clamped to the code range anyway.
+# Round half to even, as torch.round. On the GPU: libdevice's rint. The interpreter has no libdevice, so
+# there adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
+# ties to even (the rounding of float32 addition); larger magnitudes come out only approximately
+# rounded, but keep their sign and size, and those are clamped to the code range anyway. (On an H100
+# the add/subtract form disagreed with torch.round on some codes, so it is kept to the interpreter.)
 _ROUND_MAGIC = tl.constexpr(12582912.0)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 # Elements per program for the memory-bound kernels: enough work per program to hide latency with
 # few rows (C = 1152 pads to 2048, so two rows per program).
@@ -49,7 +54,9 @@ _TILE_ELEMENTS = 4096
 
 @triton.jit
 def _round_half_even(v):
-    return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    if _INTERPRETED:
+        return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    return libdevice.rint(v)
 
 
 @triton.jit
