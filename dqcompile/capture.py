@@ -95,8 +95,8 @@ class CallBinding:
     def wrap_output(self, output: Any, return_dict: bool) -> Any:
         if self.output_class is None or not return_dict:
             return output
-        fields = [f.name for f in dataclasses.fields(self.output_class)]
-        return self.output_class(**dict(zip(fields, output)))
+        # Positional construction: dataclasses.fields() would be a graph break under torch.compile.
+        return self.output_class(*output)
 
 
 def _same_static(a: Any, b: Any) -> bool:

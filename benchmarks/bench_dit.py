@@ -1,0 +1,437 @@
+"""Milliseconds per denoising step of the DiT-XL/2 architecture: bf16, torchao and dqcompile side by side.
+
+    python benchmarks/bench_dit.py --out runs/dit.json                    # every variant, ~8 min on an H100
+    python benchmarks/bench_dit.py --out runs/dit.json --variants compile,dqcompile_w8a8
+    python benchmarks/bench_dit.py --quick --out /tmp/dit_quick.json      # tiny config on CPU: a smoke check
+
+The model: diffusers DiTTransformer2DModel with DiT-XL/2's config (28 layers, 16 heads x 72, patch 2,
+32x32x4 latents: 256 tokens), random weights (speed does not depend on them), bf16 on CUDA. A denoising
+step with classifier-free guidance is one transformer forward on 2 x images rows (conditional and null
+class); 8 and 32 images give 16 and 64 rows.
+
+Variants (--variants picks a subset, in this order):
+  eager           the bf16 model as it is
+  compile         torch.compile(model), Inductor's default mode: the baseline to beat
+  dqcompile_w8a8  dqcompile.quantize(model, "w8a8") then torch.compile(backend="dqcompile", kernels "triton")
+  torchao_fp8     torchao Float8DynamicActivationFloat8Weight (per row) + torch.compile
+  dqcompile_w4a8  as dqcompile_w8a8 with the "w4a8" preset (packed int4 weights)
+  gemm            GEMM throughput at the model's linear shapes: cuBLAS bf16 against dqcompile's Triton GEMMs
+  torchao_int8    torchao Int8DynamicActivationInt8Weight + torch.compile
+torchao quantizes the same linears as dqcompile (every nn.Linear but the spec's keep_float ones: timestep
+and class embeddings, adaLN modulation, final projection), so both compress the same layers; torchao
+variants are skipped, with a note, when torchao is not installed.
+
+Figures per variant and row count: median ms per step over repeated calls as the model runs (Python and
+kernel launches included: triton.testing.do_bench), and the same step replayed as one CUDA graph (launch
+overhead removed: what the GPU alone needs); time to prepare (quantize) and of the first call (compile);
+weight memory (every parameter and buffer, tensor subclasses counted by their inner tensors); the
+relative L2 error of the output against the bf16 model's; dynamo's graph and graph-break counts. The
+compiled variants mark the batch dimension dynamic, so one compile serves both row counts.
+
+Each variant runs in its own subprocess, under a time limit (the rest of --budget-s, at most
+--variant-timeout-s), so a compile that hangs or fails costs only its own figures. Progress goes to
+stdout as it happens; the JSON file (--out) is rewritten after every variant, with the run's device,
+date and commit (bench_common.run_metadata), and a Markdown table for the README is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import run_metadata  # noqa: E402
+
+DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+VARIANTS = ("eager", "compile", "dqcompile_w8a8", "torchao_fp8", "dqcompile_w4a8", "gemm", "torchao_int8")
+COMPILED = {"compile", "dqcompile_w8a8", "torchao_fp8", "dqcompile_w4a8", "torchao_int8"}
+# A variant is not started with less time left than this: a DiT-XL/2 compile alone takes about a minute.
+MIN_VARIANT_S = 45.0
+
+
+class Skipped(Exception):
+    """A variant that cannot run here (a missing package, no CUDA); the message says why."""
+
+
+def log(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def build_model(config: dict, device: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import DiTTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # .to(bf16) warns about modules to keep in float32: DiT has none
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: random init of 675M parameters on CPU is slow
+        model = DiTTransformer2DModel(**config)
+    return model.to(dtype).eval()
+
+
+def guided_inputs(config: dict, rows: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One guided step's transformer inputs: rows / 2 images twice, with their class and the null class."""
+    generator = torch.Generator().manual_seed(rows)
+    images = rows // 2
+    latents = torch.randn(images, config["in_channels"], config["sample_size"], config["sample_size"],
+                          generator=generator)
+    labels = torch.randint(0, config["num_embeds_ada_norm"], (images,), generator=generator)
+    null = torch.full((images,), config["num_embeds_ada_norm"])  # the class-dropout label
+    return {
+        "hidden_states": torch.cat([latents, latents]).to(device, dtype),
+        "timestep": torch.full((rows,), 500, device=device),
+        "class_labels": torch.cat([labels, null]).to(device),
+    }
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; tensor subclasses (torchao's quantized weights) by their inner tensors."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def keeps_float(fqn: str) -> bool:
+    """Whether dqcompile's presets leave this linear in float (the same rule decides torchao's layers)."""
+    from dqcompile.spec import QuantSpec
+
+    return QuantSpec.resolve("w8a8").keep_float_reason(fqn) is not None
+
+
+def torchao_config(kind: str) -> Any:
+    """torchao's config object for `kind` ("fp8" or "int8"), by the names of torchao >= 0.10 or older ones."""
+    try:
+        import torchao.quantization as tq
+    except ImportError as error:
+        raise Skipped(f"torchao is not installed ({error})") from None
+    if kind == "fp8":
+        from torchao.quantization.granularity import PerRow
+
+        if hasattr(tq, "Float8DynamicActivationFloat8WeightConfig"):
+            return tq.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return tq.float8_dynamic_activation_float8_weight(granularity=PerRow())
+    if hasattr(tq, "Int8DynamicActivationInt8WeightConfig"):
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    return tq.int8_dynamic_activation_int8_weight()
+
+
+def prepare(variant: str, model: nn.Module, device: str) -> tuple[Callable[..., Any], nn.Module, dict]:
+    """(the callable to time, the module holding its weights, notes) for a model variant."""
+    if variant == "eager":
+        return model, model, {}
+    if variant == "compile":
+        return torch.compile(model), model, {}
+    if variant.startswith("torchao_"):
+        from torchao.quantization import quantize_
+
+        config = torchao_config(variant.removeprefix("torchao_"))
+        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not keeps_float(fqn))
+        return torch.compile(model), model, {"torchao_config": type(config).__name__}
+    import dqcompile
+
+    qmodel = dqcompile.quantize(model, variant.removeprefix("dqcompile_"), progress=False)
+    kernels = "triton" if device == "cuda" else "reference"
+    notes = {"kernels": kernels, "report": str(qmodel.report).splitlines()[0]}
+    return torch.compile(qmodel, backend="dqcompile", options={"kernels": kernels}), qmodel, notes
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def median_ms(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=200, rep=1500, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_graph_ms(step: Callable[[dict], object], inputs: dict[str, torch.Tensor]) -> float:
+    """Median ms of the step captured once as a CUDA graph and replayed (no Python, no launch overhead)."""
+    static = {name: tensor.clone() for name, tensor in inputs.items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+        for _ in range(3):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static)
+    return median_ms(graph.replay, "cuda")
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_model_variant(variant: str, config: dict, rows_list: list[int], device: str,
+                      dtype: torch.dtype) -> dict:
+    from torch._dynamo.utils import counters
+
+    if variant.startswith("torchao_"):  # find out before building the model
+        if device != "cuda":
+            raise Skipped("the torchao variants run on CUDA only")
+        torchao_config(variant.removeprefix("torchao_"))
+    backend_log = _collect_backend_log()
+    model = build_model(config, device, dtype)
+    inputs = {rows: guided_inputs(config, rows, device, dtype) for rows in rows_list}
+    reference = model(**inputs[rows_list[0]], return_dict=False)[0].float()
+
+    start = time.perf_counter()
+    fn, holder, notes = prepare(variant, model, device)
+    synchronize(device)
+    result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 1), "notes": notes,
+                              "weight_bytes": weight_bytes(holder), "rows": {}}
+    log(f"{variant}: prepared in {result['prepare_s']} s, weights {result['weight_bytes'] / 2**20:.1f} MiB")
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fn(**batch, return_dict=False)[0]
+
+    for index, rows in enumerate(rows_list):
+        batch = inputs[rows]
+        if variant in COMPILED and index == 0:
+            for tensor in batch.values():  # one compile for every row count
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        start = time.perf_counter()
+        output = step(batch)
+        synchronize(device)
+        figures: dict[str, Any] = {"first_call_s": round(time.perf_counter() - start, 1)}
+        if index == 0:
+            error = (output.float() - reference).norm() / reference.norm()
+            result["rel_l2_vs_bf16"] = float(error)
+        figures["ms_per_step"] = round(median_ms(lambda: step(batch), device), 3)
+        if device == "cuda":
+            try:
+                figures["ms_per_step_cuda_graph"] = round(cuda_graph_ms(step, batch), 3)
+            except Exception as error:  # a variant whose step cannot be captured still has its other figures
+                figures["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:500]
+        result["rows"][str(rows)] = figures
+        log(f"{variant}: {rows} rows: first call {figures['first_call_s']} s, {figures['ms_per_step']} ms/step"
+            + (f", CUDA graph {figures['ms_per_step_cuda_graph']} ms" if "ms_per_step_cuda_graph" in figures else ""))
+    if variant in COMPILED:
+        result["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                            "graph_breaks": sum(counters["graph_break"].values())}
+    if backend_log:
+        result["backend_log"] = backend_log
+    return result
+
+
+def _collect_backend_log() -> list[str]:
+    """The dqcompile backend's INFO lines (kernels chosen, fusions), gathered into a list."""
+    lines: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("dqcompile.backends.compile")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(ListHandler())
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ GEMMs
+
+def run_gemm(config: dict, rows_list: list[int], device: str) -> dict:
+    """TOP/s of each linear shape of the model's blocks at its token counts, as the variants run them."""
+    if device != "cuda":
+        raise Skipped("the GEMM section needs CUDA (Triton kernels)")
+    from dqcompile.backends import reference
+    from dqcompile.backends.triton import quantize_act, triton_int_linear, weight_group_sums
+    from dqcompile.quant.packing import pack_int4
+
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = (config["sample_size"] // config["patch_size"]) ** 2
+    shapes = {"attn q/k/v/out": (width, width), "ff fc1": (width, 4 * width), "ff fc2": (4 * width, width)}
+    records = []
+    for rows in rows_list:
+        m = rows * tokens
+        for layer, (k, n) in shapes.items():
+            generator = torch.Generator(device=device).manual_seed(m + k + n)
+            x = torch.randn(m, k, device=device, generator=generator, dtype=torch.bfloat16)
+            w = torch.randn(n, k, device=device, generator=generator, dtype=torch.bfloat16) * 0.02
+            bias = torch.zeros(n, device=device, dtype=torch.bfloat16)
+            codes8 = torch.randint(-127, 128, (n, k), device=device, generator=generator, dtype=torch.int8)
+            packed4 = pack_int4(torch.randint(-7, 8, (n, k), device=device, generator=generator, dtype=torch.int8))
+            w_scale = torch.full((n, 1), 1e-3, device=device)
+            qx, xs, xz = reference.quantize_act(x, 8, 0, False)  # the presets' asymmetric per-token codes
+            wsum8, wsum4 = weight_group_sums(codes8, 8, 0), weight_group_sums(packed4, 4, 0)
+
+            def quantize_and_w8a8() -> torch.Tensor:
+                q, s, z = quantize_act(x, 8, 0, False)
+                return triton_int_linear(q, s, z, codes8, w_scale, bias, 8, 0, torch.bfloat16, w_sum=wsum8)
+
+            methods = {
+                "bf16": lambda: F.linear(x, w, bias),
+                "w8a8": lambda: triton_int_linear(qx, xs, xz, codes8, w_scale, bias, 8, 0, torch.bfloat16,
+                                                  w_sum=wsum8),
+                "w8a8_with_quantize": quantize_and_w8a8,
+                "w4a8": lambda: triton_int_linear(qx, xs, xz, packed4, w_scale, bias, 4, 0, torch.bfloat16,
+                                                  w_sum=wsum4),
+            }
+            tops = {name: round(2 * m * n * k / (median_ms(fn, device) * 1e-3) / 1e12, 1)
+                    for name, fn in methods.items()}
+            records.append({"layer": layer, "m": m, "k": k, "n": n, "tops": tops})
+            log(f"gemm {layer:15s} M={m:6d} K={k:5d} N={n:5d}: "
+                + ", ".join(f"{name} {value} TOP/s" for name, value in tops.items()))
+    return {"gemm": records, "unit": "TOP/s (bf16: TFLOP/s) = 2 M N K / median time"}
+
+
+# ------------------------------------------------------------------------------------------ worker / parent
+
+def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -> None:
+    """Runs one variant in this process and writes its figures (or why it did not run) to result_path."""
+    device = "cpu" if quick else "cuda"
+    dtype = torch.float32 if quick else torch.bfloat16
+    config = TINY_DIT if quick else DIT_XL_2
+    try:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Skipped("no CUDA device (use --quick for the CPU smoke check)")
+        with torch.no_grad():
+            if variant == "gemm":
+                result = run_gemm(config, rows_list, device)
+            else:
+                result = run_model_variant(variant, config, rows_list, device, dtype)
+        result["status"] = "ok"
+    except Skipped as reason:
+        result = {"status": "skipped", "note": str(reason)}
+        log(f"{variant}: skipped: {reason}")
+    except Exception as error:
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]}
+        log(f"{variant}: failed: {result['error'][:300]}")
+    result_path.write_text(json.dumps(result))
+
+
+def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[int], timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        result_path = Path(folder) / "result.json"
+        command = [sys.executable, __file__, "--worker", variant, "--result", str(result_path),
+                   "--images", ",".join(str(rows // 2) for rows in rows_list)] + (["--quick"] if args.quick else [])
+        start = time.perf_counter()
+        try:
+            completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "note": f"stopped after {timeout_s:.0f} s (time limit)"}
+        wall_s = round(time.perf_counter() - start, 1)
+        if not result_path.exists():
+            return {"status": "failed", "error": f"the worker exited with code {completed.returncode}", "wall_s": wall_s}
+        return {**json.loads(result_path.read_text()), "wall_s": wall_s}
+
+
+def markdown_table(results: dict, rows_list: list[int]) -> str:
+    baseline = results.get("compile", {}).get("rows", {})
+    header = ["variant", "weights MiB"] + [f"ms/step {r} rows" for r in rows_list] \
+        + [f"CUDA graph {r} rows" for r in rows_list] + [f"vs compile {r} rows" for r in rows_list] \
+        + ["compile s", "rel. L2 vs bf16"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, result in results.items():
+        if variant == "gemm":
+            continue
+        if result.get("status") != "ok":
+            note = result.get("note") or result.get("error", "")
+            lines.append(f"| {variant} | {result.get('status')}: {note[:80]} |" + " |" * (len(header) - 2))
+            continue
+        figures = result["rows"]
+        cells = [variant, f"{result['weight_bytes'] / 2**20:.1f}"]
+        cells += [f"{figures[str(r)]['ms_per_step']:.2f}" for r in rows_list]
+        cells += [f"{figures[str(r)]['ms_per_step_cuda_graph']:.2f}" if "ms_per_step_cuda_graph" in figures[str(r)]
+                  else "-" for r in rows_list]
+        cells += [f"{baseline[str(r)]['ms_per_step'] / figures[str(r)]['ms_per_step']:.2f}x"
+                  if str(r) in baseline else "-" for r in rows_list]
+        cells += [f"{figures[str(rows_list[0])]['first_call_s']:.0f}", f"{result['rel_l2_vs_bf16']:.2e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON results path (required unless --worker)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--images", default=None, help="images per step, comma-separated (default 8,32; --quick 1,2)")
+    parser.add_argument("--quick", action="store_true", help="tiny DiT in float32 on CPU: a smoke check")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no variant after this long")
+    parser.add_argument("--variant-timeout-s", type=float, default=300.0, help="time limit of one variant")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    images = [int(n) for n in (args.images or ("1,2" if args.quick else "8,32")).split(",")]
+    rows_list = [2 * n for n in images]
+    if args.worker:
+        worker(args.worker, args.quick, rows_list, args.result)
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in variants]
+
+    config = TINY_DIT if args.quick else DIT_XL_2
+    data: dict[str, Any] = {
+        "meta": {**run_metadata(), "model": "DiTTransformer2DModel", "config": config,
+                 "dtype": "float32" if args.quick else "bfloat16", "quick": args.quick, "images": images,
+                 "rows": rows_list, "timing": "median ms per transformer forward (one guided denoising step); "
+                 "CUDA: triton.testing.do_bench, and CUDA-graph replay"},
+        "variants": {},
+    }
+    start = time.perf_counter()
+    log(f"{data['meta']['device']}, torch {data['meta']['torch']}, commit {data['meta']['commit']}: "
+        f"{', '.join(variants)} at {rows_list} rows")
+    for variant in variants:
+        remaining = args.budget_s - (time.perf_counter() - start)
+        if remaining < MIN_VARIANT_S:
+            data["variants"][variant] = {"status": "skipped", "note": f"time budget {args.budget_s:.0f} s spent"}
+            log(f"{variant}: skipped, time budget spent")
+            continue
+        log(f"{variant}: starting (limit {min(remaining, args.variant_timeout_s):.0f} s)")
+        data["variants"][variant] = run_variant_process(variant, args, rows_list,
+                                                        min(remaining, args.variant_timeout_s))
+        data["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1))
+    table = markdown_table(data["variants"], rows_list)
+    data["markdown_table"] = table
+    data["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+    args.out.write_text(json.dumps(data, indent=1))
+    meta = data["meta"]
+    print(f"\n{meta['device']}, torch {meta['torch']}, {meta['date']}, commit {meta['commit'][:12]}, "
+          f"{meta['elapsed_s']:.0f} s\n\n{table}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Compile-time fusion: LayerNorm + adaLN modulation + dynamic quantization -> one `ln_modulate_quantize`.
+
+A quantized adaLN block computes, for the linears fed by a modulated LayerNorm (q, k, v; the MLP's fc1):
+
+    h = layer_norm(x) * (1 + scale) + shift          # float, written to memory
+    q_i, s_i, z_i = quantize_act(h, bits, g, sym)    # one per consuming linear, reads h again
+
+`fuse_ln_modulate_quantize` replaces every `quantize_act` of such an `h` by one call of
+`torch.ops.dqcompile.ln_modulate_quantize(x, ln_weight, ln_bias, eps, scale, shift, bits, g, sym)`,
+shared by all consumers that quantize `h` with the same parameters (q, k and v then read one set of
+codes instead of quantizing the same tensor three times). The float `h` is no longer computed unless
+something else (a float linear) still reads it.
+
+The graph is the one the compile backend receives from dynamo: a QuantizedModel's forward runs an ATen
+graph, so the pattern is matched on ATen ops (`aten.layer_norm`, `aten.mul.Tensor`, `aten.add.Tensor`),
+with either operand order for the commutative ones and `1 + scale` written either way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+import dqcompile.backends.ops  # noqa: F401  (registers torch.ops.dqcompile)
+
+OPS = torch.ops.dqcompile
+ATEN = torch.ops.aten
+LAYER_NORM = ATEN.layer_norm.default
+MUL = ATEN.mul.Tensor
+ADD = ATEN.add.Tensor
+QUANTIZE_ACT = OPS.quantize_act.default
+LN_MODULATE_QUANTIZE = OPS.ln_modulate_quantize.default
+
+
+@dataclass(frozen=True)
+class ModulatedLayerNorm:
+    """The nodes of `h = layer_norm(x, [C], weight, bias, eps) * (1 + scale) + shift`."""
+
+    x: Node
+    ln_weight: Node | None
+    ln_bias: Node | None
+    eps: float
+    scale: Node
+    shift: Node
+    intermediates: tuple[Node, ...]  # h, the product, 1 + scale, layer_norm: erased when left unused
+
+
+def node_value(node: Node) -> torch.Tensor | None:
+    """The (fake) tensor a node computes, as recorded by dynamo (`example_value`) or export (`val`)."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = node_value(a), node_value(b)
+    if va is None or vb is None or va.dim() != vb.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+
+
+def _binary_operands(node: Node, target: object) -> tuple[object, object] | None:
+    """(a, b) of `target(a, b)` with no other arguments (an `alpha` would change the meaning)."""
+    if node.op != "call_function" or node.target != target or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[0], node.args[1]
+
+
+def _one_plus(node: object) -> Node | None:
+    """`s` when `node` computes `s + 1` or `1 + s`."""
+    if not isinstance(node, Node):
+        return None
+    operands = _binary_operands(node, ADD)
+    if operands is None:
+        return None
+    for value, one in (operands, operands[::-1]):
+        if isinstance(value, Node) and not isinstance(one, Node) and one == 1:
+            return value
+    return None
+
+
+def _last_dim_layer_norm(node: object) -> tuple[Node, Node | None, Node | None, float] | None:
+    """(x, weight, bias, eps) of a 3-d `aten.layer_norm` over the last dim."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target != LAYER_NORM or node.kwargs:
+        return None
+    # aten.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05, cudnn_enable=True)
+    x, normalized_shape, weight, bias, eps = (list(node.args) + [None, None, 1e-5][len(node.args) - 2:])[:5]
+    if len(normalized_shape) != 1 or node_value(x) is None or node_value(x).dim() != 3:
+        return None
+    return x, weight, bias, float(eps)
+
+
+def match_modulated_layer_norm(h: Node) -> ModulatedLayerNorm | None:
+    """The pattern rooted at `h`, or None; `h` must keep the shape of the LayerNorm's input."""
+    operands = _binary_operands(h, ADD)
+    if operands is None:
+        return None
+    for product, shift in (operands, operands[::-1]):
+        if not isinstance(product, Node) or not isinstance(shift, Node):
+            continue
+        factors = _binary_operands(product, MUL)
+        if factors is None:
+            continue
+        for normalized, one_plus_scale in (factors, factors[::-1]):
+            layer_norm = _last_dim_layer_norm(normalized)
+            scale = _one_plus(one_plus_scale)
+            if layer_norm is None or scale is None:
+                continue
+            x, weight, bias, eps = layer_norm
+            if not _same_shape(h, x):
+                return None
+            return ModulatedLayerNorm(
+                x=x, ln_weight=weight, ln_bias=bias, eps=eps, scale=scale, shift=shift,
+                intermediates=(h, product, one_plus_scale, normalized),
+            )
+    return None
+
+
+def fuse_ln_modulate_quantize(gm: GraphModule) -> int:
+    """Needs: an FX graph of ATen ops holding `dqcompile.quantize_act` calls (a QuantizedModel's graph as
+    dynamo hands it to a backend). Nodes should carry `example_value` or `val` metadata (shapes).
+
+    Guarantees: every `quantize_act(h, bits, g, sym)` whose input is a modulated LayerNorm (see the
+    module docstring) is replaced by one `ln_modulate_quantize` node per distinct (h, bits, g, sym),
+    whose outputs take the place of the quantizers' outputs; LayerNorm / modulation nodes left without
+    users are erased. Other nodes are untouched. Returns the number of fused nodes inserted; the graph
+    lints and is recompiled.
+    """
+    graph = gm.graph
+    fused = 0
+    for h in list(graph.nodes):
+        quantizers = [user for user in h.users
+                      if user.target == QUANTIZE_ACT and user.args[0] is h and len(user.args) == 4 and not user.kwargs]
+        if not quantizers:
+            continue
+        pattern = match_modulated_layer_norm(h)
+        if pattern is None:
+            continue
+        by_params: dict[tuple, list[Node]] = {}
+        for quantizer in quantizers:
+            by_params.setdefault(tuple(quantizer.args[1:]), []).append(quantizer)
+        for (bits, group_size, symmetric), group in by_params.items():
+            # Every argument of the fused node precedes h, and every quantizer follows it.
+            with graph.inserting_after(h):
+                fused_node = graph.call_function(
+                    LN_MODULATE_QUANTIZE,
+                    (pattern.x, pattern.ln_weight, pattern.ln_bias, pattern.eps, pattern.scale, pattern.shift,
+                     bits, group_size, symmetric),
+                )
+            fused_node.meta.update({key: group[0].meta[key] for key in ("example_value", "val") if key in group[0].meta})
+            for quantizer in group:
+                quantizer.replace_all_uses_with(fused_node)
+                graph.erase_node(quantizer)
+            fused += 1
+        for node in pattern.intermediates:
+            if not node.users:
+                graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return fused
+
