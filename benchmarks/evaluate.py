@@ -125,7 +125,7 @@ def main() -> None:
             if needs_calibration(spec) and calibration is None:
                 calibration, row["calibration_set_seconds"] = timed(lambda: dqcompile.calibration_set(
                     model, num_timesteps=args.calib_timesteps, samples_per_timestep=args.calib_per_timestep,
-                    seed=args.seed, guidance_scale=guidance or 1.0))
+                    seed=args.seed, guidance_scale=guidance, progress=False))
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             qmodel, row["quantize_seconds"] = timed(lambda: dqcompile.quantize(
@@ -143,12 +143,12 @@ def main() -> None:
         print(json.dumps(row, default=float), flush=True)
 
     print(f"\nDDIM {args.steps} steps, guidance {guidance}, {args.samples} samples, {args.dtype}, {result['device']}")
-    print("| config | FID | KID x1e3 | IS | precision | recall | PSNR vs fp (dB) | quantize (s) |")
+    print("| config | FID | KID | IS | precision | recall | PSNR vs fp (dB) | quantize (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         psnr = f"{row['psnr_db']:.2f}" if "psnr_db" in row else ""
         quant = f"{row['quantize_seconds']:.1f}" if "quantize_seconds" in row else ""
-        print(f"| {row['config']} | {row['fid']:.2f} | {1000 * row['kid_mean']:.2f} | {row['isc_mean']:.2f} | "
+        print(f"| {row['config']} | {row['fid']:.2f} | {row['kid_mean']:.3f} | {row['isc_mean']:.2f} | "
               f"{row['precision']:.3f} | {row['recall']:.3f} | {psnr} | {quant} |")
 
 

@@ -102,7 +102,7 @@ def _table(result: dict[str, Any]) -> str:
     rows = [
         ("", "float", result["spec"]),
         ("FID (vs test split)", f"{fp['fid']:.2f}", f"{q['fid']:.2f}"),
-        ("KID x 1000", f"{1000 * fp['kid_mean']:.2f}", f"{1000 * q['kid_mean']:.2f}"),
+        ("KID", f"{fp['kid_mean']:.3f}", f"{q['kid_mean']:.3f}"),
         ("PSNR vs float (dB)", "", f"{result['psnr_db_vs_fp']:.2f}"),
         ("linear weights (MiB)", f"{weights['fp']:.2f}", f"{weights['quantized']:.2f}"),
         ("ms per step", f"{fp['ms_per_step']:.1f}", f"{q['ms_per_step']:.1f}"),
