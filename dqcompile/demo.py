@@ -39,7 +39,7 @@ def run_demo(
     *,
     out: str | Path = "dqcompile-demo",
     spec: str = "w8a8",
-    samples: int = 100,
+    samples: int = 50,
     steps: int = 20,
     guidance: float = 1.5,
     device: str = "cpu",
@@ -55,7 +55,10 @@ def run_demo(
     calibration = None
     start = time.perf_counter()
     if _needs_calibration(quant_spec):
-        calibration = dqcompile.calibration_set(model, num_timesteps=steps, samples_per_timestep=calibration_samples, seed=seed)
+        calibration = dqcompile.calibration_set(
+            model, num_timesteps=steps, samples_per_timestep=calibration_samples, num_inference_steps=steps,
+            scheduler="ddim", guidance_scale=guidance, seed=seed,
+        )
     qmodel = dqcompile.quantize(model, quant_spec, calibration=calibration)
     quantize_seconds = time.perf_counter() - start
 
