@@ -14,15 +14,20 @@ from dqcompile.capture import CallBinding
 from dqcompile.passes.observers import observers
 
 
+# Names a forward's timestep argument goes by (diffusers: timestep; hand-written DiTs: t).
+TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
+
+
 def timestep_key(sample: Mapping[str, Any]) -> float:
     """The timestep a calibration sample belongs to (its first timestep value; 0 when it has none).
 
-    Calibration sets hold one timestep per sample batch, so the first value names the batch.
+    Calibration sets hold one timestep per sample batch, so the first value names the batch. The
+    timestep is the first argument named as in TIMESTEP_ARGUMENTS.
     """
-    timestep = sample.get("timestep")
-    if timestep is None:
-        return 0.0
-    return float(torch.as_tensor(timestep).reshape(-1)[0])
+    for name in TIMESTEP_ARGUMENTS:
+        if sample.get(name) is not None:
+            return float(torch.as_tensor(sample[name]).reshape(-1)[0])
+    return 0.0
 
 
 def check_finite(sample: Mapping[str, Any], index: int) -> None:
