@@ -10,6 +10,8 @@ from dqcompile.spec import LayerSpec
 
 def describe_weights(spec: LayerSpec) -> str:
     granularity = f"group {spec.weight_group_size}" if spec.weight_group_size else "per channel"
+    if spec.fitted_from:
+        granularity += f" (fitted from {spec.fitted_from})"
     clip = ", clip search" if spec.clip_search else ""
     return f"int{spec.weight_bits} {granularity}{clip}"
 
@@ -20,6 +22,7 @@ def describe_activations(spec: LayerSpec) -> str:
     mode = {
         "dynamic_token": "dynamic per token",
         "dynamic_group": f"dynamic group {spec.act_group_size}",
+        "dynamic_sample_group": f"dynamic per sample, group {spec.act_group_size}",
         "static_tensor": "static per tensor",
     }[spec.act_mode]
     return f"int{spec.act_bits} {mode}, {'sym' if spec.act_symmetric else 'asym'}"

@@ -8,9 +8,12 @@ Notation: ``qx`` are activation codes ``[..., K]``, ``qw`` weight codes ``[N, K]
 groups of the K dim (1, or ``K / group_size``), ``g`` the group size.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
+from dqcompile.quant.mrq import mrq_quantize
 from dqcompile.quant.uniform import QParams, compute_qparams, num_groups, quantize
 from dqcompile.quant.weights import QuantizedWeight
 
@@ -19,6 +22,11 @@ from dqcompile.quant.weights import QuantizedWeight
 MAX_INT_MATMUL_K = 2**17 - 1
 # int_linear's zero-corrected group sums, sum_k (qx - x_zero) qw, have terms up to 255 * 128 < 2^15.
 MAX_INT_LINEAR_GROUP = 2**16 - 1
+# int_attention's P V sums with uniform softmax codes: |code| <= 128 and the zero-point correction
+# 128 * sum_j v_j add terms up to 2^15 per key, so at most 2^16 - 1 keys keep them inside int32.
+MAX_ATTENTION_KEYS = 2**16 - 1
+# int8 x int8 sums of at most this many products stay within float32's exact integers (2^24).
+FLOAT32_EXACT_K = 2**10
 
 
 def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,6 +46,61 @@ def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tupl
         x, bits, symmetric=symmetric, granularity="group" if group_size else "token", group_size=group_size
     )
     return quantize(x, qp), qp.scale, qp.zero
+
+
+def quantize_act_per_sample(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic quantization with one (scale, zero) per sample (dim 0) and group of the last dim.
+
+    Q-DiT's sample-wise dynamic activations: for ``x [B, T..., K]``, the min / max of each group are
+    taken over all tokens of a sample (every dim but the first and the last), and then the formulas of
+    ``quantize_act`` apply. ``group_size`` 0: one group spans the last dim.
+
+    Returns:
+        q: int8, shaped like ``x``; scale: float32 ``[B, 1..., G]``; zero: int32 ``[B, 1..., G]``
+        (as many dims as ``x``, so they broadcast against ``[B, T..., G]`` like per-token parameters).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"quantize_act_per_sample needs x [B, ..., K], got shape {tuple(x.shape)}")
+    batch, k = x.shape[0], x.shape[-1]
+    groups = num_groups(k, group_size)
+    tokens = math.prod(x.shape[1:-1])
+    # [B, T, G, g] -> [B, G, T * g]: each row holds one group of one sample, so "token" granularity
+    # reduces over exactly the values that share a (scale, zero).
+    per_group = x.reshape(batch, tokens, groups, k // groups).transpose(1, 2).reshape(batch, groups, -1)
+    rows = compute_qparams(per_group, bits, symmetric=symmetric, granularity="token")
+    shape = (batch, *[1] * (x.dim() - 2), groups)
+    qp = QParams(
+        scale=rows.scale.reshape(shape), zero=rows.zero.reshape(shape), bits=bits, symmetric=symmetric,
+        group_size=group_size,
+    )
+    return quantize(x, qp), qp.scale, qp.zero
+
+
+def ln_modulate_quantize(
+    x: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    eps: float,
+    mod_scale: Tensor,
+    mod_shift: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_act(LayerNorm(x) * (1 + mod_scale) + mod_shift)``: the adaLN input of a quantized linear.
+
+    LayerNorm normalizes the last dim of ``x`` ``[B, T, C]`` (``ln_weight``, ``ln_bias``: ``[C]`` or None);
+    ``mod_scale`` and ``mod_shift`` broadcast against ``x`` (per sample: ``[B, 1, C]``). Everything runs
+    in float32, whatever ``x``'s dtype: for float32 inputs this is exactly the unfused composition of the
+    same ops; for bf16 / fp16 inputs it skips the roundings between them (as a fused kernel does).
+
+    Returns ``quantize_act``'s (q int8 like ``x``, scale float32 ``[B, T, G]``, zero int32 ``[B, T, G]``).
+    """
+    weight = None if ln_weight is None else ln_weight.float()
+    bias = None if ln_bias is None else ln_bias.float()
+    normalized = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+    modulated = normalized * (1 + mod_scale.float()) + mod_shift.float()
+    return quantize_act(modulated, bits, group_size, symmetric)
 
 
 def quantize_act_static(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
@@ -171,3 +234,101 @@ def weight_only_linear(
         raise ValueError(f"weight_only_linear: x {tuple(x.shape)} does not match weights {tuple(w_hat.shape)}")
     bias_f32 = None if bias is None else bias.float()
     return torch.nn.functional.linear(x.float(), w_hat, bias_f32).to(x.dtype)
+
+
+def quantize_act_mrq(
+    x: Tensor, low_scale: Tensor, high_scale: Tensor, bits: int, split_at_zero: bool
+) -> tuple[Tensor, Tensor]:
+    """Two-region (MRQ) codes of ``x``: int8 ``(q_low, q_high)`` shaped like ``x``, each zero where the
+    value lies in the other region, so ``x_hat = low_scale q_low + high_scale q_high``.
+
+    ``split_at_zero`` True (post-GELU): negatives ``q_low = clamp(round(x / low_scale), -2^(b-1), 0)``,
+    the rest ``q_high = clamp(round(x / high_scale), 0, 2^(b-1) - 1)``. False (post-softmax): values
+    whose ``round(x / low_scale)`` is at most ``2^(b-1) - 1`` take it as ``q_low``, the others
+    ``q_high = clamp(round(x / high_scale), 0, 2^(b-1) - 1)``. Scales are float32 and broadcast
+    against ``x`` (dqcompile/quant/mrq.py).
+    """
+    return mrq_quantize(x, low_scale, high_scale, bits, split_at_zero)
+
+
+def int_matmul_batched(a: Tensor, b: Tensor) -> Tensor:
+    """Exact batched integer matmul: int8 ``[..., M, K]`` x int8 ``[..., N, K]`` -> int32 ``[..., M, N]``.
+
+    Through a float matmul that cannot round: every product is an integer of magnitude at most 2^14,
+    so for K <= ``FLOAT32_EXACT_K`` every partial sum, in any order, is an integer of magnitude at most
+    2^24, which float32 holds exactly; and the reduced-precision inputs a float32 matmul may use (TF32,
+    bf16) hold every int8 value exactly too. Larger K goes through float64, exact as explained in
+    ``_int_matmul_float64``. (Attention's Q K^T has K = head dim, and P V has K = keys: 256 for DiT
+    at 256 px.)
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() < 2 or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"int_matmul_batched needs int8 [..., M, K] and int8 [..., N, K] with the same "
+                         f"batch dims, got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-1] or a.shape[-1] > MAX_INT_MATMUL_K:
+        raise ValueError(f"int_matmul_batched: K must match and be at most {MAX_INT_MATMUL_K}, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return _exact_products(a, b).to(torch.int32)
+
+
+def _exact_products(a: Tensor, b: Tensor) -> Tensor:
+    """``int_matmul_batched`` before the cast: the exact integer sums, held in float32 or float64."""
+    exact = torch.float32 if a.shape[-1] <= FLOAT32_EXACT_K else torch.float64
+    return a.to(exact) @ b.to(exact).transpose(-1, -2)
+
+
+def _head_codes(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Symmetric codes of ``x [B, H, N, d]`` with a per-head (per row and head) ``scale [B or 1, H, 1, 1]``."""
+    qp = QParams(scale=scale, zero=torch.zeros_like(scale, dtype=torch.int32), bits=bits, symmetric=True, group_size=0)
+    return quantize(x, qp)
+
+
+def int_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_scale: Tensor,
+    k_scale: Tensor,
+    v_scale: Tensor,
+    p_low_scale: Tensor | None,
+    bits: int,
+    scale: float,
+) -> Tensor:
+    """Attention ``softmax(scale Q K^T) V`` on integer codes: q ``[B, H, Nq, d]``, k, v ``[B, H, Nk, d]``.
+
+        cq, ck, cv = symmetric ``bits``-bit codes of q, k, v with per-head scales (float32, broadcast
+                     against ``[B, H, 1, 1]``): clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1)
+        S = cq ck^T                                            exact integer sums (int32 range)
+        P = softmax((q_scale k_scale scale) * float(S))        float32, over the keys
+        p_low_scale None: P uniform on [0, 1], codes u = clamp(round(P (2^b - 1)) - 2^(b-1)) and
+            O = v_scale / (2^b - 1) * float(u cv + 2^(b-1) sum_keys cv)           (exact int32 sums)
+        else (MRQ, post-softmax layout of ``quantize_act_mrq`` with high step 1 / 2^(b-1)):
+            O = v_scale * (p_low_scale * float(p_low cv) + 2^-(b-1) * float(p_high cv))
+    The result is cast to q's dtype. ``p_low_scale`` broadcasts against ``[B, H, 1, 1]``.
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"int_attention needs q [B, H, Nq, d] and k, v [B, H, Nk, d], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] > MAX_ATTENTION_KEYS:
+        raise ValueError(f"int_attention: {k.shape[2]} keys may overflow the int32 accumulator (at most "
+                         f"{MAX_ATTENTION_KEYS})")
+    cq, ck, cv = _head_codes(q, q_scale, bits), _head_codes(k, k_scale, bits), _head_codes(v, v_scale, bits)
+    # The exact sums Q K^T enter the float epilogue straight from the float product that computed them
+    # (float32 rounds them as it would the int32), sparing an int32 round trip of the largest tensor.
+    logits = _exact_products(cq, ck).float() * (q_scale * k_scale * scale)
+    probs = torch.softmax(logits, dim=-1)
+    cv_t = cv.transpose(-1, -2)
+    if p_low_scale is None:
+        levels = 2**bits - 1
+        zero = torch.full((), -(2 ** (bits - 1)), dtype=torch.int32, device=q.device)
+        p_step = torch.full((), 1.0 / levels, dtype=torch.float32, device=q.device)
+        codes = quantize(probs, QParams(scale=p_step, zero=zero, bits=bits, symmetric=False, group_size=0))
+        value_sums = cv.sum(dim=-2, keepdim=True, dtype=torch.int32)
+        centered = int_matmul_batched(codes, cv_t) - zero * value_sums
+        out = (v_scale * p_step) * centered.float()
+    else:
+        high = 2.0 ** -(bits - 1)
+        p_low, p_high = mrq_quantize(probs, p_low_scale, torch.tensor(high, device=q.device), bits, False)
+        out = v_scale * (p_low_scale * int_matmul_batched(p_low, cv_t).float()
+                         + high * int_matmul_batched(p_high, cv_t).float())
+    return out.to(q.dtype)
+

@@ -38,7 +38,7 @@ def annotate_linears(gm: GraphModule, ctx: PassContext) -> None:
         if plan is None:
             out_features, in_features = gm.get_parameter(weight_name).shape
             reason = ctx.spec.keep_float_reason(layer_name)
-            spec = None if reason else ctx.spec.layer(layer_name)
+            spec = None if reason else ctx.spec.layer(layer_name, in_features)
             plan = LayerPlan(
                 name=layer_name,
                 weight_name=weight_name,

@@ -17,7 +17,7 @@ def lower_linears(gm: GraphModule, ctx: PassContext) -> None:
     """Needs: quantize_weights (and static_activation_params for static layers).
 
     Guarantees: every linear node of a quantized layer is replaced by
-    - dynamic activations: quantize_act -> int_linear,
+    - dynamic activations: quantize_act (quantize_act_per_sample for dynamic_sample_group) -> int_linear,
     - static activations: quantize_act_static -> int_linear,
     - float activations (16 bits): weight_only_linear,
     reading the layer's integer buffers; the new nodes keep the linear's module path and carry
@@ -63,8 +63,9 @@ def _lowered(gm: GraphModule, linear: Node, plan: LayerPlan) -> Node:
             qx = graph.call_function(OPS.quantize_act_static.default, (x, scale, zero, spec.act_bits))
             new_nodes += [scale, zero, qx]
         else:
+            dynamic = OPS.quantize_act_per_sample if spec.act_mode == "dynamic_sample_group" else OPS.quantize_act
             quantized = graph.call_function(
-                OPS.quantize_act.default, (x, spec.act_bits, spec.act_group_size, spec.act_symmetric)
+                dynamic.default, (x, spec.act_bits, spec.act_group_size, spec.act_symmetric)
             )
             qx, scale, zero = (graph.call_function(operator.getitem, (quantized, i)) for i in range(3))
             new_nodes += [quantized, qx, scale, zero]
