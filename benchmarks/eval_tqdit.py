@@ -41,7 +41,6 @@ from dqcompile import QuantSpec  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
 from dqcompile.models import NUM_CLASSES, load_embedded_config, load_embedded_model  # noqa: E402
-from dqcompile.search import allow_train_eval  # noqa: E402
 from dqcompile.spec import TQDiTOptions  # noqa: E402
 
 ROWS = ("rtn", "+mrq", "+tgq", "+ho")
@@ -175,7 +174,7 @@ def main() -> None:
             qmodel, cost = timed_quantize(model, spec, calibration, args.device)
             summary = dict(qmodel.graph_module.meta.get("tqdit", {}))
             summary.pop("hessian_errors", None)
-            images, sample_seconds = timed_sample(allow_train_eval(qmodel))
+            images, sample_seconds = timed_sample(qmodel)
             score(row, width, images, sample_seconds, {**cost, "tqdit": summary}, fp_uint8)
             del qmodel
 

@@ -284,15 +284,6 @@ def _space(captured: Captured, spec: QuantSpec, candidates: Sequence[int], budge
     return SearchSpace(layers=layers, budget=float(budget))
 
 
-def allow_train_eval(qmodel: QuantizedModel) -> QuantizedModel:
-    """Redundant since QuantizedModel.train() sets its flag only (it no longer reaches the exported
-    graph module, whose train() / eval() raise); kept until benchmarks/eval_tqdit.py stops importing it.
-    """
-    for name in ("train", "eval"):
-        qmodel.graph_module.__dict__.pop(name, None)
-    return qmodel
-
-
 class CandidateModels:
     """Every (layer, group size) quantized once, and one working model assembled from them.
 
