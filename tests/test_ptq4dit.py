@@ -25,11 +25,8 @@ from dqcompile.passes.salience_balance import (
 )
 from dqcompile.quant import fake_quantize
 from dqcompile.spec import PTQ4DiTOptions
-from tiny_models import hand_dit, hand_dit_inputs, tiny_dit, tiny_pixart, tiny_sd3
+from tiny_models import hand_dit, hand_dit_inputs, rel_l2, tiny_dit, tiny_pixart, tiny_sd3
 
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def dit_inputs(batch: int, seed: int = 3, timestep: int | None = None) -> dict:

@@ -9,22 +9,11 @@ from dqcompile import ActivationSpec, QDiTOptions, QuantSpec, WeightSpec
 from dqcompile.passes.gptq import gptq_quantize
 from dqcompile.quant import QuantizedWeight, quantize_weight
 from dqcompile.spec import fit_group_size
-from tiny_models import tiny_dit
+from tiny_models import dit_inputs, rel_l2, tiny_dit
 
 OPS = torch.ops.dqcompile
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def dit_inputs(batch: int, seed: int = 3) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
-        "class_labels": torch.randint(0, 10, (batch,), generator=generator),
-    }
 
 
 def lowered_nodes(qmodel, layer: str, op) -> list:

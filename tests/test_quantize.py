@@ -9,20 +9,9 @@ from torch import nn
 import dqcompile
 from dqcompile import ActivationSpec, QuantSpec, WeightSpec
 from dqcompile.example_inputs import default_example_inputs
-from tiny_models import hand_dit, hand_dit_inputs, tiny_dit, tiny_pixart, tiny_sd3
+from tiny_models import dit_inputs, hand_dit, hand_dit_inputs, rel_l2, tiny_dit, tiny_pixart, tiny_sd3
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def dit_inputs(batch: int, seed: int = 3) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
-        "class_labels": torch.randint(0, 10, (batch,), generator=generator),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,12 @@ from dqcompile.quant.mrq import (
     softmax_low_scales,
 )
 from dqcompile.spec import ActivationSpec, TQDiTOptions
-from tiny_models import hand_dit, tiny_dit
+from tiny_models import hand_dit, rel_l2, tiny_dit
 
 ops = torch.ops.dqcompile
 
 CALIBRATION_TIMESTEPS = (900, 600, 300, 50)
 
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def dit_inputs(batch: int, seed: int, timestep: int | None = None) -> dict:

@@ -16,16 +16,8 @@ from dqcompile.passes.find_adaln_pairs import find_adaln_pairs
 from dqcompile.viz import build_graph_view, format_layer_errors, graph_view, layer_errors, render
 from dqcompile.viz.dot import dot_source, write_dot
 from dqcompile.viz.html import page
-from tiny_models import hand_dit, hand_dit_inputs, tiny_dit
+from tiny_models import dit_inputs, hand_dit, hand_dit_inputs, tiny_dit
 
-
-def dit_inputs(batch: int, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
-        "class_labels": torch.randint(0, 10, (batch,), generator=generator),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -123,3 +123,18 @@ def hand_dit_inputs(batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.
         torch.randint(0, 1000, (batch,), generator=generator),
         torch.randint(0, 10, (batch,), generator=generator),
     )
+
+
+def dit_inputs(batch: int, seed: int = 3) -> dict:
+    """Keyword inputs of a tiny diffusers DiT (4 channels, 8x8, 10 classes) for `batch` images."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+        "class_labels": torch.randint(0, 10, (batch,), generator=generator),
+    }
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
