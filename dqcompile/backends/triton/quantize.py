@@ -42,8 +42,9 @@ __all__ = ["ln_modulate_quantize", "quantize_act"]
 # Round half to even, as torch.round. On the GPU: libdevice's rint. The interpreter has no libdevice, so
 # there adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
 # ties to even (the rounding of float32 addition); larger magnitudes come out only approximately
-# rounded, but keep their sign and size, and those are clamped to the code range anyway. (On an H100
-# the add/subtract form disagreed with torch.round on some codes, so it is kept to the interpreter.)
+# rounded, but keep their sign and size, and those are clamped to the code range anyway. On an H100
+# (Triton 3.6) both forms still gave some codes that differ from the reference: the cause is elsewhere
+# (division or reduction order), open in the fast-path issue.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
