@@ -5,8 +5,13 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+Result = TypeVar("Result")
 
 
 def git_commit() -> str:
@@ -24,3 +29,15 @@ def run_metadata() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
     }
+
+
+def timed(function: Callable[..., Result], *args: Any, **kwargs: Any) -> tuple[Result, float]:
+    """function(*args, **kwargs) and its wall time in seconds, the device synchronised on both sides
+    (GPU work is asynchronous: without that the clock would stop before the work does)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start

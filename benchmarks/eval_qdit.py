@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata  # noqa: E402
+from bench_common import run_metadata, timed  # noqa: E402
 from dqcompile import ActivationSpec, QDiTOptions, QuantSpec, WeightSpec  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
@@ -66,20 +66,6 @@ def row_spec(row: str, bits: int, plan: Any = None) -> QuantSpec:
     if row == "gptq":
         return preset.replace(qdit=QDiTOptions(fit_group_sizes=True, rounding="gptq"), name=f"qdit-gptq-w{bits}a8")
     raise ValueError(f"unknown row {row!r}")
-
-
-def needs_calibration(spec: QuantSpec) -> bool:
-    return spec.activations.mode == "static_tensor" or spec.qdit.rounding == "gptq"
-
-
-def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def block_table(group_sizes: dict[str, int]) -> str:
@@ -210,7 +196,7 @@ def main() -> None:
                   f"{search.fitness_kind} {search.fitness:.4g}", flush=True)
         for row in args.rows:
             spec = row_spec(row, bits, plan)
-            if needs_calibration(spec) and calibration is None:
+            if spec.needs_calibration and calibration is None:
                 # Trajectories of the evaluation's own sampler (DDIM, same steps and guidance).
                 calibration = dqcompile.calibration_set(
                     model, num_timesteps=min(args.calibration_timesteps, args.steps),
@@ -218,7 +204,7 @@ def main() -> None:
                     scheduler="ddim", guidance_scale=args.guidance, seed=args.seed, progress=False,
                 )
             qmodel, quantize_seconds = timed(
-                dqcompile.quantize, model, spec, calibration if needs_calibration(spec) else None, progress=False
+                dqcompile.quantize, model, spec, calibration if spec.needs_calibration else None, progress=False
             )
             images, sample_seconds = timed(sample, qmodel, labels, **options)
             score(row, f"w{bits}a8", images, quantize_seconds, sample_seconds, fp_uint8)

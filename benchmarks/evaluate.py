@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata  # noqa: E402
+from bench_common import run_metadata, timed  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
 from dqcompile.models import NUM_CLASSES, load_embedded_model  # noqa: E402
@@ -68,10 +67,6 @@ def parse_config(config: str) -> QuantSpec | None:
     return dataclasses.replace(spec, name=config)
 
 
-def needs_calibration(spec: QuantSpec) -> bool:
-    return spec.method != "rtn" or spec.activations.mode == "static_tensor"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", required=True, help="comma-separated: fp and preset[:overrides]")
@@ -104,16 +99,7 @@ def main() -> None:
         "rows": [],
     }
 
-    def timed(fn: Any) -> tuple[Any, float]:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        value = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return value, time.perf_counter() - start
-
-    fp_images, fp_seconds = timed(lambda: sample(model, labels, **sampling))
+    fp_images, fp_seconds = timed(sample, model, labels, **sampling)
     fp_uint8 = from_model_space(fp_images.float().cpu())
     calibration = None
     for config in configs:
@@ -122,18 +108,20 @@ def main() -> None:
         if spec is None:
             images_uint8, row["sample_seconds"] = fp_uint8, fp_seconds
         else:
-            if needs_calibration(spec) and calibration is None:
-                calibration, row["calibration_set_seconds"] = timed(lambda: dqcompile.calibration_set(
-                    model, num_timesteps=args.calib_timesteps, samples_per_timestep=args.calib_per_timestep,
-                    seed=args.seed, guidance_scale=guidance, progress=False))
+            if spec.needs_calibration and calibration is None:
+                calibration, row["calibration_set_seconds"] = timed(
+                    dqcompile.calibration_set, model, num_timesteps=args.calib_timesteps,
+                    samples_per_timestep=args.calib_per_timestep, seed=args.seed, guidance_scale=guidance,
+                    progress=False)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            qmodel, row["quantize_seconds"] = timed(lambda: dqcompile.quantize(
-                model, spec, calibration=calibration if needs_calibration(spec) else None, progress=False))
+            qmodel, row["quantize_seconds"] = timed(
+                dqcompile.quantize, model, spec, calibration=calibration if spec.needs_calibration else None,
+                progress=False)
             if torch.cuda.is_available():
                 row["quantize_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             row["linear_weight_mib"] = qmodel.report.quantized_weight_bytes / 2**20
-            images, row["sample_seconds"] = timed(lambda: sample(qmodel, labels, **sampling))
+            images, row["sample_seconds"] = timed(sample, qmodel, labels, **sampling)
             images_uint8 = from_model_space(images.float().cpu())
             row.update(fidelity_to_reference(images_uint8, fp_uint8))
             del qmodel

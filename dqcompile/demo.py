@@ -20,10 +20,6 @@ from dqcompile.models import NUM_CLASSES, load_embedded_model
 from dqcompile.spec import QuantSpec
 
 
-def _needs_calibration(spec: QuantSpec) -> bool:
-    return spec.method != "rtn" or spec.activations.mode == "static_tensor"
-
-
 def _timed_sample(model: torch.nn.Module, labels: torch.Tensor, steps: int, **kwargs: Any) -> tuple[torch.Tensor, float]:
     """Images and milliseconds per denoising step (one model call over every image of the batch)."""
     if torch.cuda.is_available():
@@ -54,7 +50,7 @@ def run_demo(
 
     calibration = None
     start = time.perf_counter()
-    if _needs_calibration(quant_spec):
+    if quant_spec.needs_calibration:
         calibration = dqcompile.calibration_set(
             model, num_timesteps=steps, samples_per_timestep=calibration_samples, num_inference_steps=steps,
             scheduler="ddim", guidance_scale=guidance, seed=seed,

@@ -301,6 +301,17 @@ class QuantSpec:
         """A copy with some fields changed (validated like a new spec)."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `quantize` needs calibration data for this spec: static activation parameters,
+        the calibrated methods (PTQ4DiT's saliences, TQ-DiT's time groups and scale search), or GPTQ's
+        Hessians. Round to nearest with dynamic activations needs none."""
+        return (
+            self.activations.mode == "static_tensor"
+            or self.method in ("ptq4dit", "tqdit")
+            or self.qdit.rounding == "gptq"
+        )
+
     def keep_float_reason(self, layer_name: str) -> str | None:
         """Why the linear at this module path stays in float, or None when it is quantized."""
         for pattern, reason in self.keep_float:
