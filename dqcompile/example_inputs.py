@@ -29,7 +29,7 @@ def default_example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH) -> dict
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    timestep = torch.tensor([999, 1], device=device)[:batch].repeat(batch)[:batch]
+    timestep = torch.tensor([999, 1], device=device).repeat(batch)[:batch]  # alternating ends of the schedule
     if config is not None and kind == "DiTTransformer2DModel":
         return {
             "hidden_states": randn(batch, config.in_channels, config.sample_size, config.sample_size),
