@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -15,10 +17,17 @@ Result = TypeVar("Result")
 
 
 def git_commit() -> str:
+    """HEAD's hash ("-dirty" when the tree has changes), or $DQCOMPILE_COMMIT where the copy has no .git
+    (the lent GPU machine gets the working tree without its history), else "unknown"."""
+    repo = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("DQCOMPILE_COMMIT", "unknown")
+    return commit + ("-dirty" if dirty else "")
 
 
 def run_metadata() -> dict:

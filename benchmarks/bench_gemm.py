@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
@@ -51,6 +51,7 @@ from dqcompile.backends.triton import (  # noqa: E402
     weight_group_sums,
 )
 from dqcompile.quant.packing import pack_int4  # noqa: E402
+from bench_common import git_commit  # noqa: E402
 
 LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 ROWS = (16, 4096, 16384)
@@ -87,17 +88,6 @@ class Run:
         self.data["meta"]["elapsed_s"] = round(self.elapsed(), 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(self.data, indent=1))
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -278,7 +268,7 @@ def main() -> None:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "autotune": args.autotune,
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms, L2 flushed between runs",
     }

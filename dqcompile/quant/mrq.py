@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dqcompile.quant.uniform import MIN_SCALE, check_bits
+from dqcompile.quant.uniform import MIN_SCALE, check_bits, divide
 
 
 def _codes_and_steps(
@@ -97,7 +97,7 @@ def gelu_scales(minimum: Tensor, maximum: Tensor, bits: int) -> tuple[Tensor, Te
     """
     check_bits(bits)
     low = (-minimum.float()).clamp_min(0) / 2 ** (bits - 1)
-    high = maximum.float().clamp_min(0) / (2 ** (bits - 1) - 1)
+    high = divide(maximum.float().clamp_min(0), 2 ** (bits - 1) - 1)
     return low.clamp_min(MIN_SCALE), high.clamp_min(MIN_SCALE)
 
 

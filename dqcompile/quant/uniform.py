@@ -97,6 +97,16 @@ def _grouped(x: Tensor, group_size: int) -> Tensor:
     return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
 
 
+def divide(numerator: Tensor, denominator: float) -> Tensor:
+    """``numerator / denominator``, correctly rounded on every device.
+
+    On CUDA torch divides by a Python number as a product with its reciprocal, a second rounding that put
+    scales one ulp off the CPU's (and the Triton kernels') now and then, and with them some codes; dividing
+    by a tensor keeps the single rounding of a true division everywhere.
+    """
+    return numerator / torch.full_like(numerator, denominator)
+
+
 def compute_qparams(
     x: Tensor,
     bits: int,
@@ -146,12 +156,12 @@ def compute_qparams(
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         amax = torch.maximum(hi, -lo) * clip_ratio
-        scale = (amax / qmax).clamp_min(MIN_SCALE)
+        scale = divide(amax, qmax).clamp_min(MIN_SCALE)
         zero = torch.zeros_like(scale, dtype=torch.int32)
     else:
         lo = lo.clamp_max(0.0) * clip_ratio
         hi = hi.clamp_min(0.0) * clip_ratio
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+        scale = divide(hi - lo, qmax - qmin).clamp_min(MIN_SCALE)
         # lo <= 0 <= hi puts round(lo / s) in [-(2^b - 1), 0], hence z in [qmin, qmax]: 0 maps to code z.
         zero = (qmin - torch.round(lo / scale)).to(torch.int32)
     return QParams(scale=scale, zero=zero, bits=bits, symmetric=symmetric, group_size=group_size)

@@ -42,9 +42,7 @@ __all__ = ["ln_modulate_quantize", "quantize_act"]
 # Round half to even, as torch.round. On the GPU: libdevice's rint. The interpreter has no libdevice, so
 # there adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
 # ties to even (the rounding of float32 addition); larger magnitudes come out only approximately
-# rounded, but keep their sign and size, and those are clamped to the code range anyway. On an H100
-# (Triton 3.6) both forms still gave some codes that differ from the reference: the cause is elsewhere
-# (division or reduction order), open in the fast-path issue.
+# rounded, but keep their sign and size, and those are clamped to the code range anyway.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
