@@ -17,8 +17,10 @@ Result = TypeVar("Result")
 
 
 def git_commit() -> str:
-    """HEAD's hash ("-dirty" when the tree has changes), or $DQCOMPILE_COMMIT where the copy has no .git
-    (the lent GPU machine gets the working tree without its history), else "unknown"."""
+    """$DQCOMPILE_COMMIT when set (runs on a copy of the tree whose .git, if any, is not the one sent: the
+    lent GPU machine), else HEAD's hash with "-dirty" when the tree has changes, else "unknown"."""
+    if commit := os.environ.get("DQCOMPILE_COMMIT"):
+        return commit
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -26,7 +28,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DQCOMPILE_COMMIT", "unknown")
+        return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 

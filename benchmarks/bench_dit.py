@@ -192,6 +192,41 @@ def cuda_graph_ms(step: Callable[[dict], object], inputs: dict[str, torch.Tensor
     return median_ms(graph.replay, "cuda")
 
 
+def host_ms(step: Callable[[dict], object], batch: dict[str, torch.Tensor]) -> float:
+    """Median ms the CPU spends issuing one step (Python, dispatch, launches), the GPU idle beforehand:
+    when this exceeds the GPU time (the CUDA graph figure), the step is bound by the host."""
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def profile_step(step: Callable[[dict], object], batch: dict[str, torch.Tensor], top: int = 12) -> dict:
+    """torch.profiler over 3 steps: the ops with the most CPU time and the kernels with the most GPU time,
+    per step, so a figure that misses its target says where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(batch)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def rows(key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+        return [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                 "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                 "self_gpu_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3)} for e in ranked]
+
+    return {"by_cpu": rows("self_cpu_time_total"), "by_gpu": rows("self_device_time_total"),
+            "gpu_ms_per_step": round(sum(e.self_device_time_total for e in events) / 1e3 / steps, 3)}
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -234,13 +269,17 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
             result["rel_l2_vs_bf16"] = float(error)
         figures["ms_per_step"] = round(median_ms(lambda: step(batch), device), 3)
         if device == "cuda":
+            figures["host_ms_per_step"] = round(host_ms(step, batch), 3)
+            if index == 0:
+                result["profile"] = profile_step(step, batch)
             try:
                 figures["ms_per_step_cuda_graph"] = round(cuda_graph_ms(step, batch), 3)
             except Exception as error:  # a variant whose step cannot be captured still has its other figures
                 figures["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:500]
         result["rows"][str(rows)] = figures
         log(f"{variant}: {rows} rows: first call {figures['first_call_s']} s, {figures['ms_per_step']} ms/step"
-            + (f", CUDA graph {figures['ms_per_step_cuda_graph']} ms" if "ms_per_step_cuda_graph" in figures else ""))
+            + (f", CUDA graph {figures['ms_per_step_cuda_graph']} ms" if "ms_per_step_cuda_graph" in figures else "")
+            + (f", host {figures['host_ms_per_step']} ms" if "host_ms_per_step" in figures else ""))
     if variant in COMPILED:
         result["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                             "graph_breaks": sum(counters["graph_break"].values())}

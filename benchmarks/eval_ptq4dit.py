@@ -91,10 +91,15 @@ def balancing_vectors(model: torch.nn.Module, calibration: dqcompile.Calibration
 
 @torch.no_grad()
 def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) -> list[dict[str, Any]]:
-    """Per balanced layer, bits and variant: the SQNR (dB) of its quantized output on the calibration set."""
+    """Per balanced layer and variant: the SQNR (dB) of its quantized output on the calibration set, at
+    each width ("w4a8 CSB"), and split into its two sources: weights alone quantized ("w4 CSB w-only",
+    float activations X / b) and activations alone ("a8 CSB a-only", float weights W b). Balancing trades
+    one against the other, and the split shows which side a variant wins or loses on.
+    """
     ctx, vectors = balancing_vectors(model, calibration)
     layers = sorted(vectors["CSB"], key=list(ctx.layers).index)
-    quantizers: dict[tuple[str, str, str], tuple[torch.Tensor, Any, torch.Tensor]] = {}
+    act_params: dict[tuple[str, str], Any] = {}
+    w_hats: dict[tuple[str, str, str], torch.Tensor] = {}
     for layer in layers:
         weight = model.get_submodule(layer).weight.float()
         stats = ctx.input_stats[layer].values()
@@ -102,23 +107,31 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
             b = per_layer[layer].to(weight.device)
             low = min(float((s.minimum / b).min()) for s in stats)
             high = max(float((s.maximum / b).max()) for s in stats)
-            act = compute_qparams(torch.tensor([low, high], device=weight.device), 8, symmetric=False, granularity="tensor")
+            act_params[(layer, variant)] = compute_qparams(torch.tensor([low, high], device=weight.device), 8,
+                                                           symmetric=False, granularity="tensor")
             for bits in BITS:
-                w_hat = quantize_weight(weight * b, WEIGHT_BITS[bits]).dequantize()
-                quantizers[(layer, variant, bits)] = (b, act, w_hat)
-    energy = {key: [0.0, 0.0] for key in quantizers}  # signal, noise
+                w_hats[(layer, variant, bits)] = quantize_weight(weight * b, WEIGHT_BITS[bits]).dequantize()
+    signal: dict[str, float] = {layer: 0.0 for layer in layers}
+    noise: dict[tuple[str, str], float] = {}  # (layer, column) -> error energy
+
+    def add(layer: str, column: str, error: torch.Tensor) -> None:
+        noise[(layer, column)] = noise.get((layer, column), 0.0) + float(error.square().sum())
 
     def record(layer: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].float()
-            reference = x @ module.weight.float().T
-            for variant in vectors:
+            weight = module.weight.float()
+            reference = x @ weight.T
+            signal[layer] += float(reference.square().sum())
+            for variant, per_layer in vectors.items():
+                b = per_layer[layer].to(x.device)
+                act = act_params[(layer, variant)]
+                x_hat = dequantize(quantize(x / b, act), act)
+                add(layer, f"a8 {variant} a-only", x_hat @ (weight * b).T - reference)
                 for bits in BITS:
-                    b, act, w_hat = quantizers[(layer, variant, bits)]
-                    x_hat = dequantize(quantize(x / b, act), act)
-                    error = x_hat @ w_hat.T - reference
-                    energy[(layer, variant, bits)][0] += float(reference.square().sum())
-                    energy[(layer, variant, bits)][1] += float(error.square().sum())
+                    w_hat = w_hats[(layer, variant, bits)]
+                    add(layer, f"{bits} {variant}", x_hat @ w_hat.T - reference)
+                    add(layer, f"{bits[:2]} {variant} w-only", (x / b) @ w_hat.T - reference)
         return hook
 
     handles = [model.get_submodule(layer).register_forward_pre_hook(record(layer)) for layer in layers]
@@ -131,10 +144,9 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
     rows = []
     for layer in layers:
         row: dict[str, Any] = {"layer": layer}
-        for bits in BITS:
-            for variant in vectors:
-                signal, noise = energy[(layer, variant, bits)]
-                row[f"{bits} {variant}"] = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+        for (name, column), energy in noise.items():
+            if name == layer:
+                row[column] = 10 * math.log10(signal[layer] / energy) if energy > 0 else math.inf
         rows.append(row)
     return rows
 
@@ -199,6 +211,8 @@ def main() -> None:
 
     print(f"\nPer-layer SQNR (dB) of balanced layers, isolated, on the calibration set ({len(calibration)} batches):")
     columns = [f"{bits} {variant}" for bits in BITS for variant in VARIANTS]
+    columns += [f"{bits[:2]} {variant} w-only" for bits in BITS for variant in VARIANTS]
+    columns += [f"a8 {variant} a-only" for variant in VARIANTS]
     print("| layer | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for row in sqnr:
