@@ -18,7 +18,8 @@ and, when named in --rows:
 - gptq: group128+dynamic with GPTQ rounding in place of RTN.
 
 Writes the JSON (--out) after every row, and a markdown table beside it (.md). Run time on one H100
-with the defaults: about 6 minutes (about 25 s per row of 5000 images, about a minute per search).
+with the defaults: 516 s (2026-11-21: 30 s of sampling per per-channel row, 48-50 s per group row,
+about a minute per search).
 CPU smoke check (a few minutes): --device cpu --samples 32 --steps 4 --bits 4 --reference-size 1000
 --search-fitness proxy --search-samples 8 --search-steps 2 --search-population 4 --search-iterations 1.
 """

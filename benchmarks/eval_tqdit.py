@@ -18,8 +18,9 @@ recorded, --calibration-samples images per step with guidance); HO's denoising l
 model's noise schedule. Per row the JSON records quantize() wall time, its peak CUDA memory
 (torch.cuda.max_memory_allocated, reset before the call), and the method's own summary (calibration
 calls and rows, statistics and search seconds). Writes the JSON (--out) after every row and a markdown
-table beside it (.md). Run time on one H100 with the defaults: about 6 minutes (10 s per quantize,
-20-30 s per row of 5000 images, 10 s of metrics per row).
+table beside it (.md). Run time on one H100 with the defaults: about 10 minutes (2026-11-21: 3-5 s per
+quantize, 10 s with HO; 46 s of sampling per RTN row, 66 s per MRQ row; about 5 s of metrics per row);
+--widths splits it into two runs.
 CPU smoke check: --device cpu --samples 32 --steps 4 --calibration-samples 4 --hessian-rows 512.
 """
 

@@ -197,6 +197,8 @@ def test_backend_registration() -> None:
 
     kernels = get_backend("triton")
     assert kernels.int_linear.__name__ == "triton_int_linear"
+    assert kernels.ln_modulate_quantize.__name__ == "ln_modulate_quantize"
+    assert get_backend("reference").ln_modulate_quantize is reference.ln_modulate_quantize
     assert kernels.quantize_act_static is reference.quantize_act_static
 
 

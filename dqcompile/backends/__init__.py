@@ -21,6 +21,7 @@ class KernelSet:
     """One implementation of every dqcompile op, each with the op's signature (see ``reference.py``)."""
 
     quantize_act: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    ln_modulate_quantize: Callable[..., tuple[Tensor, Tensor, Tensor]]
     quantize_act_static: Callable[..., Tensor]
     int_linear: Callable[..., Tensor]
     weight_only_linear: Callable[..., Tensor]
@@ -30,6 +31,7 @@ class KernelSet:
 KERNELS: dict[str, KernelSet] = {
     "reference": KernelSet(
         quantize_act=reference.quantize_act,
+        ln_modulate_quantize=reference.ln_modulate_quantize,
         quantize_act_static=reference.quantize_act_static,
         int_linear=reference.int_linear,
         weight_only_linear=reference.weight_only_linear,

@@ -88,8 +88,6 @@ def _int_linear_triton_fake(
 def _triton_twins() -> dict[object, object]:
     """reference OpOverload -> its Triton twin; the twins are defined on first use (import of Triton)."""
     if not hasattr(OPS, "int_linear_triton"):
-        from dqcompile.backends import triton as triton_kernels
-
         kernel_set = get_backend("triton")
 
         def int_linear_triton(qx: Tensor, x_scale: Tensor, x_zero: Tensor | None, qw: Tensor, w_scale: Tensor,
@@ -102,7 +100,7 @@ def _triton_twins() -> dict[object, object]:
             # name: (implementation, schema, fake); a fake that calls the reference op on fake tensors
             # runs the reference op's fake implementation.
             "quantize_act": (kernel_set.quantize_act, None, OPS.quantize_act.default),
-            "ln_modulate_quantize": (triton_kernels.ln_modulate_quantize, None, OPS.ln_modulate_quantize.default),
+            "ln_modulate_quantize": (kernel_set.ln_modulate_quantize, None, OPS.ln_modulate_quantize.default),
             "int_linear": (int_linear_triton, _TRITON_INT_LINEAR_SCHEMA, _int_linear_triton_fake),
         }
         for name, (impl, schema, fake) in twins.items():

@@ -1,9 +1,9 @@
 """Triton kernels for the dqcompile ops: integer GEMMs (gemm.py) and fused activation quantization (quantize.py).
 
 Importing this package registers the kernel set "triton" with `dqcompile.backends.register_kernels`:
-int_linear, int_matmul and quantize_act run on Triton; quantize_act_static and weight_only_linear have
-no Triton kernel yet and use the reference implementations. `ln_modulate_quantize` (LayerNorm + adaLN
-modulation + dynamic quantization in one kernel) is exported for the compile backend's fusion.
+int_linear, int_matmul, quantize_act and ln_modulate_quantize (LayerNorm + adaLN modulation + dynamic
+quantization in one kernel) run on Triton; quantize_act_static and weight_only_linear have no Triton
+kernel yet and use the reference implementations.
 
 The package imports on any machine. Without the `triton` package the kernel set is still registered,
 and requesting a kernel (calling it, or reading one of the names below) raises an ImportError that says
@@ -83,6 +83,7 @@ register_kernels(
     "triton",
     KernelSet(
         quantize_act=_kernel("quantize_act"),
+        ln_modulate_quantize=_kernel("ln_modulate_quantize"),
         quantize_act_static=reference.quantize_act_static,
         int_linear=_kernel("triton_int_linear"),
         weight_only_linear=reference.weight_only_linear,
