@@ -260,6 +260,8 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
         if variant in COMPILED and index == 0:
             for tensor in batch.values():  # one compile for every row count
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        # Said before the call: a variant stopped at its time limit shows it was compiling.
+        log(f"{variant}: {rows} rows: first call" + (" (compiling)" if variant in COMPILED and index == 0 else ""))
         start = time.perf_counter()
         output = step(batch)
         synchronize(device)

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata  # noqa: E402
+from bench_common import run_metadata, timed  # noqa: E402
 from dqcompile.calib.runner import run_calibration  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import generative_metrics, sample  # noqa: E402
@@ -57,11 +56,6 @@ def variant_spec(bits: str, variant: str) -> QuantSpec:
     if variant == "RTN":
         return spec.replace(method="rtn", name=f"rtn-{bits}-static")
     return spec.replace(ptq4dit=PTQ4DiTOptions(ssc=variant == "CSB+SSC"), name=f"{variant.lower()}-{bits}")
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def balancing_vectors(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) -> tuple[PassContext, dict]:
@@ -152,12 +146,8 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
 
 
 def evaluate(model: torch.nn.Module, labels: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace) -> dict:
-    synchronize()
-    start = time.perf_counter()
-    images = sample(model, labels, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                    batch_size=args.batch_size, device=args.device, progress=False)
-    synchronize()
-    sampling_s = time.perf_counter() - start
+    images, sampling_s = timed(sample, model, labels, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                               batch_size=args.batch_size, device=args.device, progress=False)
     metrics = generative_metrics(from_model_space(images.cpu()), reference, prc=False, isc=False, device=args.device)
     return {"fid": metrics["fid"], "kid_mean": metrics["kid_mean"], "kid_std": metrics["kid_std"], "sampling_s": sampling_s}
 
@@ -180,24 +170,18 @@ def main() -> None:
     reference, _ = load_fashion_mnist("test", root=args.data)
     labels = torch.arange(args.samples) % NUM_CLASSES
 
-    synchronize()
-    start = time.perf_counter()
-    calibration = dqcompile.calibration_set(
-        model, num_timesteps=min(args.calib_timesteps, args.steps), samples_per_timestep=args.calib_samples,
-        num_inference_steps=args.steps, scheduler="ddim", guidance_scale=args.guidance, seed=args.seed + 1,
+    calibration, trajectory_s = timed(
+        dqcompile.calibration_set, model, num_timesteps=min(args.calib_timesteps, args.steps),
+        samples_per_timestep=args.calib_samples, num_inference_steps=args.steps, scheduler="ddim",
+        guidance_scale=args.guidance, seed=args.seed + 1,
     )
-    synchronize()
-    trajectory_s = time.perf_counter() - start
 
     sqnr = layer_sqnr(model, calibration)
     results = [{"model": "FP", "bits": "fp32", "quantize_s": 0.0, **evaluate(model, labels, reference, args)}]
     for bits in BITS:
         for variant in VARIANTS:
-            synchronize()
-            start = time.perf_counter()
-            qmodel = dqcompile.quantize(model, variant_spec(bits, variant), calibration=calibration, progress=False)
-            synchronize()
-            quantize_s = time.perf_counter() - start
+            qmodel, quantize_s = timed(dqcompile.quantize, model, variant_spec(bits, variant), calibration=calibration,
+                                       progress=False)
             results.append({"model": variant, "bits": bits, "quantize_s": quantize_s,
                             **evaluate(qmodel, labels, reference, args)})
             del qmodel

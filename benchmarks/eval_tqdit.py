@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata  # noqa: E402
+from bench_common import run_metadata, timed  # noqa: E402
 from dqcompile import QuantSpec  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
@@ -68,13 +68,9 @@ def timed_quantize(
 ) -> tuple[Any, dict[str, float]]:
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    qmodel = dqcompile.quantize(model, spec, calibration, progress=False)
-    if cuda:
-        torch.cuda.synchronize()
-    cost = {"quantize_seconds": time.perf_counter() - start}
+    qmodel, seconds = timed(dqcompile.quantize, model, spec, calibration, progress=False)
+    cost = {"quantize_seconds": seconds}
     if cuda:
         cost["quantize_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return qmodel, cost
@@ -131,13 +127,11 @@ def main() -> None:
     labels = torch.arange(args.samples) % NUM_CLASSES
     options = dict(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
                    device=args.device, progress=False)
-    start = time.perf_counter()
-    calibration = dqcompile.calibration_set(
-        model, num_timesteps=args.steps, samples_per_timestep=args.calibration_samples,
+    calibration, calibration_seconds = timed(
+        dqcompile.calibration_set, model, num_timesteps=args.steps, samples_per_timestep=args.calibration_samples,
         num_inference_steps=args.steps, scheduler="ddim", guidance_scale=args.guidance, seed=args.seed + 1,
         progress=False,
     )
-    calibration_seconds = time.perf_counter() - start
     results: dict[str, Any] = {
         "metadata": run_metadata(),
         "config": {key: value for key, value in vars(args).items() if key != "out"},
@@ -161,11 +155,7 @@ def main() -> None:
         return uint8
 
     def timed_sample(sampled_model: torch.nn.Module) -> tuple[torch.Tensor, float]:
-        begin = time.perf_counter()
-        images = sample(sampled_model, labels, **options)
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.synchronize()
-        return images, time.perf_counter() - begin
+        return timed(sample, sampled_model, labels, **options)
 
     fp_images, fp_seconds = timed_sample(model)
     fp_uint8 = score("float", "fp32", fp_images, fp_seconds, {}, None)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import shlex
 import sys
 import time
@@ -38,6 +37,9 @@ from dqcompile.models.classifier import (
     FashionMNISTClassifier,
     build_classifier,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
+from training_common import device_name, learning_rate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,13 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def learning_rate(step: int, time_fraction: float, peak: float, warmup_steps: int) -> float:
-    """Linear warm-up over steps, then cosine decay to zero over the wall-clock budget."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(time_fraction, 1.0)))
-
-
 @torch.no_grad()
 def accuracy(model: FashionMNISTClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on model-space images."""
@@ -74,12 +69,6 @@ def accuracy(model: FashionMNISTClassifier, images: torch.Tensor, labels: torch.
         logits = model(images[start : start + batch_size])
         correct += (logits.argmax(dim=1) == labels[start : start + batch_size]).sum().item()
     return correct / images.shape[0]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -122,7 +111,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps)
+            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps, final_fraction=0.0)
         optimizer.step()
         running_loss = loss.detach() if running_loss is None else running_loss.lerp(loss.detach(), 0.02)
         step += 1

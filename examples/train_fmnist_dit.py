@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import shlex
 import sys
 import time
@@ -51,6 +50,9 @@ from dqcompile.models.fmnist import (
     build_fmnist_dit,
     load_embedded_model,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
+from training_common import device_name, learning_rate  # noqa: E402
 
 GRID_NAME = "fmnist_dit_samples.png"
 
@@ -105,25 +107,11 @@ def apply_dit_initialization(model: DiTTransformer2DModel) -> None:
         nn.init.zeros_(projection.bias)
 
 
-def learning_rate(step: int, time_fraction: float, peak: float, warmup_steps: int) -> float:
-    """Linear warm-up over steps, then cosine decay to 10% of peak over the wall-clock budget."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    floor = 0.1 * peak
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(time_fraction, 1.0)))
-
-
 @torch.no_grad()
 def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * weights, for all parameters at once."""
     ema_params = list(ema_model.parameters())
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -181,7 +169,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps)
+            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps, final_fraction=0.1)
         optimizer.step()
         # EMA warm-up: early on the average follows the weights closely instead of remembering the init.
         update_ema(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
