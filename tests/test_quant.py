@@ -19,6 +19,7 @@ from dqcompile.quant import (
     quantize_weight,
     unpack_int4,
 )
+from dqcompile.quant.uniform import divide
 
 # float32 unit roundoff.
 UNIT_ROUNDOFF = 2.0**-24
@@ -284,3 +285,23 @@ def test_qparams_refuses_wrong_dtypes() -> None:
     with pytest.raises(ValueError, match=r"float32 scale and an int32 zero"):
         QParams(scale=torch.ones(1, dtype=torch.float16), zero=torch.zeros(1, dtype=torch.int32), bits=8,
                 symmetric=True, group_size=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scales_and_codes_are_the_same_on_cuda_and_cpu(symmetric: bool) -> None:
+    """The quantizer is one function of its input on every device. On CUDA torch computes
+    `tensor / python_number` as a product with the reciprocal; scales divided that way came out one ulp
+    off the CPU's for some tokens, and then some codes too."""
+    x = torch.randn(4096, 1152, generator=torch.Generator().manual_seed(0)) * 3
+    cpu = compute_qparams(x, 8, symmetric=symmetric, granularity="token")
+    gpu = compute_qparams(x.cuda(), 8, symmetric=symmetric, granularity="token")
+    assert torch.equal(gpu.scale.cpu(), cpu.scale) and torch.equal(gpu.zero.cpu(), cpu.zero)
+    assert torch.equal(quantize(x.cuda(), gpu).cpu(), quantize(x, cpu))
+
+
+def test_divide_is_the_correctly_rounded_quotient() -> None:
+    numerator = torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 100
+    exact = (numerator.double() / 127).float()  # float64 quotient, rounded once to float32
+    assert torch.equal(divide(numerator, 127), exact)
