@@ -39,7 +39,7 @@ from dqcompile.models.classifier import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
-from training_common import device_name, learning_rate  # noqa: E402
+from training_common import device_name, learning_rate, random_horizontal_flip, train_for  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,41 +94,22 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
 
-    budget_seconds = args.minutes * 60.0
-    step = 0
-    running_loss = None
-    log_time, log_step = time.perf_counter(), 0
-    train_start = time.perf_counter()
-    model.train()
-    while (elapsed := time.perf_counter() - train_start) < budget_seconds:
+    def train_step(step: int, time_fraction: float) -> torch.Tensor:
         batch = torch.randint(0, num_images, (args.batch_size,), device=device)
-        x, y = train_images[batch], train_labels[batch]
-        flip = torch.rand(args.batch_size, device=device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x, y = random_horizontal_flip(train_images[batch]), train_labels[batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps, final_fraction=0.0)
+            group["lr"] = learning_rate(step, time_fraction, args.lr, args.warmup_steps, final_fraction=0.0)
         optimizer.step()
-        running_loss = loss.detach() if running_loss is None else running_loss.lerp(loss.detach(), 0.02)
-        step += 1
-        if step % args.log_every == 0:
-            now = time.perf_counter()
-            images_per_second = (step - log_step) * args.batch_size / (now - log_time)
-            print(
-                f"step {step:6d}  loss {running_loss.item():.4f}  {images_per_second:8.0f} img/s  "
-                f"{now - train_start:6.1f}s",
-                flush=True,
-            )
-            log_time, log_step = now, step
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - train_start
-    if running_loss is None:
-        raise RuntimeError("the time budget ended before the first training step; raise --minutes")
+        return loss
+
+    model.train()
+    run = train_for(args.minutes, train_step, optimizer, batch_size=args.batch_size, log_every=args.log_every,
+                    loss_smoothing=0.02, device=device)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,22 +127,22 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "device": device_name(device),
             "torch_version": torch.__version__,
             "parameters": num_params,
-            "steps": step,
+            "steps": run.steps,
             "batch_size": args.batch_size,
-            "epochs": step * args.batch_size / num_images,
+            "epochs": run.steps * args.batch_size / num_images,
             "peak_lr": args.lr,
             "weight_decay": args.weight_decay,
             "autocast": "bf16" if use_bf16 else "none (fp32)",
             "seed": args.seed,
             "budget_minutes": args.minutes,
-            "train_seconds": train_seconds,
-            "final_loss": running_loss.item(),
+            "train_seconds": run.seconds,
+            "final_loss": run.final_loss,
             "wall_seconds": time.perf_counter() - wall_start,
         },
     }
     (out / CLASSIFIER_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
     print(
-        f"trained {step} steps in {train_seconds:.1f}s; test accuracy {record['test_accuracy']:.4f} "
+        f"trained {run.steps} steps in {run.seconds:.1f}s; test accuracy {record['test_accuracy']:.4f} "
         f"on {record['test_images']} images; wrote {out / CLASSIFIER_CHECKPOINT_NAME}",
         flush=True,
     )

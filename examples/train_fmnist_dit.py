@@ -52,7 +52,7 @@ from dqcompile.models.fmnist import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
-from training_common import device_name, learning_rate  # noqa: E402
+from training_common import device_name, learning_rate, random_horizontal_flip, train_for  # noqa: E402
 
 GRID_NAME = "fmnist_dit_samples.png"
 
@@ -145,17 +145,9 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
     num_train_timesteps = FMNIST_SCHEDULER_CONFIG["num_train_timesteps"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
 
-    budget_seconds = args.minutes * 60.0
-    step = 0
-    running_loss = None
-    log_time, log_step = time.perf_counter(), 0
-    train_start = time.perf_counter()
-    while (elapsed := time.perf_counter() - train_start) < budget_seconds:
+    def train_step(step: int, time_fraction: float) -> torch.Tensor:
         batch = torch.randint(0, num_images, (args.batch_size,), device=device)
-        x0, y = images[batch], labels[batch]
-        # Garments are left-right symmetric enough that a horizontal flip is a label-preserving augmentation.
-        flip = torch.rand(args.batch_size, device=device) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        x0, y = random_horizontal_flip(images[batch]), labels[batch]
         y = torch.where(torch.rand(args.batch_size, device=device) < args.class_dropout, NULL_CLASS_ID, y)
         t = torch.randint(0, num_train_timesteps, (args.batch_size,), device=device)
         noise = torch.randn_like(x0)
@@ -169,30 +161,15 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / budget_seconds, args.lr, args.warmup_steps, final_fraction=0.1)
+            group["lr"] = learning_rate(step, time_fraction, args.lr, args.warmup_steps, final_fraction=0.1)
         optimizer.step()
         # EMA warm-up: early on the average follows the weights closely instead of remembering the init.
         update_ema(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        # A running mean kept on the device: no host sync per step.
-        running_loss = loss.detach() if running_loss is None else running_loss.lerp(loss.detach(), 0.01)
-        step += 1
+        return loss
 
-        if step % args.log_every == 0:
-            now = time.perf_counter()
-            images_per_second = (step - log_step) * args.batch_size / (now - log_time)
-            print(
-                f"step {step:6d}  loss {running_loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                f"{images_per_second:8.0f} img/s  {now - train_start:6.1f}s",
-                flush=True,
-            )
-            log_time, log_step = now, step
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - train_start
-    if running_loss is None:
-        raise RuntimeError("the time budget ended before the first training step; raise --minutes")
-    final_loss = running_loss.item()
-    print(f"trained {step} steps in {train_seconds:.1f}s, final loss {final_loss:.4f}", flush=True)
+    run = train_for(args.minutes, train_step, optimizer, batch_size=args.batch_size, log_every=args.log_every,
+                    loss_smoothing=0.01, device=device)
+    print(f"trained {run.steps} steps in {run.seconds:.1f}s, final loss {run.final_loss:.4f}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,10 +185,10 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
         "parameters": num_params,
-        "steps": step,
+        "steps": run.steps,
         "batch_size": args.batch_size,
-        "images_seen": step * args.batch_size,
-        "epochs": step * args.batch_size / num_images,
+        "images_seen": run.steps * args.batch_size,
+        "epochs": run.steps * args.batch_size / num_images,
         "peak_lr": args.lr,
         "warmup_steps": args.warmup_steps,
         "ema_decay": args.ema_decay,
@@ -220,8 +197,8 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "compiled": args.compile,
         "seed": args.seed,
         "budget_minutes": args.minutes,
-        "train_seconds": train_seconds,
-        "final_loss": final_loss,
+        "train_seconds": run.seconds,
+        "final_loss": run.final_loss,
         "final_loss_note": "running mean (per-step EMA, weight 0.01) of the per-batch epsilon MSE",
         "weights": "EMA",
     }

@@ -1,8 +1,12 @@
-"""What the two training examples share: the learning-rate schedule and the device's name for the record."""
+"""What the two training examples share: the time-budgeted loop with its progress log, the learning-rate
+schedule, the flip augmentation and the device's name for the record."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +20,56 @@ def learning_rate(step: int, time_fraction: float, peak: float, warmup_steps: in
         return peak * (step + 1) / warmup_steps
     floor = final_fraction * peak
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(time_fraction, 1.0)))
+
+
+def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
+    """Each image of [N, C, H, W] mirrored left-right with probability 1/2. Garments are symmetric enough
+    that this preserves the label."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a time-budgeted loop did: optimizer steps, their wall time, and the final running loss."""
+
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def train_for(minutes: float, train_step: Callable[[int, float], torch.Tensor], optimizer: torch.optim.Optimizer,
+              *, batch_size: int, log_every: int, loss_smoothing: float, device: torch.device) -> TrainingRun:
+    """Call train_step(step, time_fraction) -> loss until `minutes` of wall clock have passed.
+
+    The running loss is an exponential mean (weight `loss_smoothing`) kept on the device, so no step waits
+    for the host; every `log_every` steps a line gives it, the learning rate and the throughput.
+    Raises RuntimeError when the budget ends before the first step.
+    """
+    budget_seconds = minutes * 60.0
+    step = 0
+    running_loss = None
+    log_time, log_step = time.perf_counter(), 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget_seconds:
+        loss = train_step(step, elapsed / budget_seconds).detach()
+        running_loss = loss if running_loss is None else running_loss.lerp(loss, loss_smoothing)
+        step += 1
+        if step % log_every == 0:
+            now = time.perf_counter()
+            images_per_second = (step - log_step) * batch_size / (now - log_time)
+            print(
+                f"step {step:6d}  loss {running_loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                f"{images_per_second:8.0f} img/s  {now - start:6.1f}s",
+                flush=True,
+            )
+            log_time, log_step = now, step
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if running_loss is None:
+        raise RuntimeError("the time budget ended before the first training step; raise --minutes")
+    return TrainingRun(steps=step, seconds=seconds, final_loss=running_loss.item())
 
 
 def device_name(device: torch.device) -> str:
