@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from dqcompile.models.fmnist import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
-from training_common import device_name, learning_rate, random_horizontal_flip, train_for  # noqa: E402
+from training_common import device_name, learning_rate, random_horizontal_flip, run_script, train_for  # noqa: E402
 
 GRID_NAME = "fmnist_dit_samples.png"
 
@@ -235,11 +234,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run from the command line (argv None) or from Python with an explicit argument list."""
-    if argv is None:
-        command, argv = shlex.join(["python", *sys.argv]), sys.argv[1:]
-    else:
-        command = shlex.join(["python", __file__, *argv])
-    train(parse_args(argv), command)
+    run_script(train, parse_args, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ schedule, the flip augmentation and the device's name for the record."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,3 +80,15 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def run_script(train: Callable[[argparse.Namespace, str], object],
+               parse_args: Callable[[list[str] | None], argparse.Namespace], script: str,
+               argv: list[str] | None) -> None:
+    """An example's main(): train(parse_args(argv), command), with the command line recorded as it was
+    given (argv None: this process's) or as `python script ...` for a call from Python."""
+    if argv is None:
+        command, argv = shlex.join(["python", *sys.argv]), sys.argv[1:]
+    else:
+        command = shlex.join(["python", script, *argv])
+    train(parse_args(argv), command)
