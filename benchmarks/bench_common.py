@@ -52,3 +52,26 @@ def timed(function: Callable[..., Result], *args: Any, **kwargs: Any) -> tuple[R
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+def timed_with_peak(function: Callable[..., Result], *args: Any, **kwargs: Any) -> tuple[Result, float, int | None]:
+    """timed(), and the peak CUDA memory allocated during the call in bytes (None without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result, seconds = timed(function, *args, **kwargs)
+    return result, seconds, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def score_images(images: torch.Tensor, reference: torch.Tensor, fp_uint8: torch.Tensor | None,
+                 device: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Model-space images as uint8, and their scores: {"metrics": generative_metrics against `reference`}
+    plus "psnr_db_vs_fp" against the float model's images `fp_uint8` when given."""
+    # Imported here: the GEMM and DiT speed benchmarks use this module too and need no metrics stack.
+    from dqcompile.data import from_model_space
+    from dqcompile.eval import fidelity_to_reference, generative_metrics
+
+    uint8 = from_model_space(images.cpu())
+    scores: dict[str, Any] = {"metrics": generative_metrics(uint8, reference, device=device)}
+    if fp_uint8 is not None:
+        scores["psnr_db_vs_fp"] = fidelity_to_reference(uint8, fp_uint8)["psnr_db"]
+    return uint8, scores

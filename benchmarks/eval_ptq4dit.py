@@ -92,8 +92,9 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
     """
     ctx, vectors = balancing_vectors(model, calibration)
     layers = sorted(vectors["CSB"], key=list(ctx.layers).index)
-    act_params: dict[tuple[str, str], Any] = {}
-    w_hats: dict[tuple[str, str, str], torch.Tensor] = {}
+    # Per (layer, variant), fixed over the calibration batches: b, W b, the activation quantizer of X / b,
+    # and per width the dequantized weight.
+    balanced: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, Any, dict[str, torch.Tensor]]] = {}
     for layer in layers:
         weight = model.get_submodule(layer).weight.float()
         stats = ctx.input_stats[layer].values()
@@ -101,31 +102,29 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
             b = per_layer[layer].to(weight.device)
             low = min(float((s.minimum / b).min()) for s in stats)
             high = max(float((s.maximum / b).max()) for s in stats)
-            act_params[(layer, variant)] = compute_qparams(torch.tensor([low, high], device=weight.device), 8,
-                                                           symmetric=False, granularity="tensor")
-            for bits in BITS:
-                w_hats[(layer, variant, bits)] = quantize_weight(weight * b, WEIGHT_BITS[bits]).dequantize()
+            act = compute_qparams(torch.tensor([low, high], device=weight.device), 8, symmetric=False,
+                                  granularity="tensor")
+            w_hats = {bits: quantize_weight(weight * b, WEIGHT_BITS[bits]).dequantize() for bits in BITS}
+            balanced[(layer, variant)] = (b, weight * b, act, w_hats)
     signal: dict[str, float] = {layer: 0.0 for layer in layers}
-    noise: dict[tuple[str, str], float] = {}  # (layer, column) -> error energy
+    noise: dict[str, dict[str, float]] = {layer: {} for layer in layers}  # layer -> column -> error energy
 
     def add(layer: str, column: str, error: torch.Tensor) -> None:
-        noise[(layer, column)] = noise.get((layer, column), 0.0) + float(error.square().sum())
+        noise[layer][column] = noise[layer].get(column, 0.0) + float(error.square().sum())
 
     def record(layer: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].float()
-            weight = module.weight.float()
-            reference = x @ weight.T
+            reference = x @ module.weight.float().T
             signal[layer] += float(reference.square().sum())
-            for variant, per_layer in vectors.items():
-                b = per_layer[layer].to(x.device)
-                act = act_params[(layer, variant)]
-                x_hat = dequantize(quantize(x / b, act), act)
-                add(layer, f"a8 {variant} a-only", x_hat @ (weight * b).T - reference)
-                for bits in BITS:
-                    w_hat = w_hats[(layer, variant, bits)]
+            for variant in vectors:
+                b, weight_b, act, w_hats = balanced[(layer, variant)]
+                x_b = x / b
+                x_hat = dequantize(quantize(x_b, act), act)
+                add(layer, f"a8 {variant} a-only", x_hat @ weight_b.T - reference)
+                for bits, w_hat in w_hats.items():
                     add(layer, f"{bits} {variant}", x_hat @ w_hat.T - reference)
-                    add(layer, f"{bits[:2]} {variant} w-only", (x / b) @ w_hat.T - reference)
+                    add(layer, f"{bits[:2]} {variant} w-only", x_b @ w_hat.T - reference)
         return hook
 
     handles = [model.get_submodule(layer).register_forward_pre_hook(record(layer)) for layer in layers]
@@ -135,14 +134,8 @@ def layer_sqnr(model: torch.nn.Module, calibration: dqcompile.CalibrationSet) ->
     finally:
         for handle in handles:
             handle.remove()
-    rows = []
-    for layer in layers:
-        row: dict[str, Any] = {"layer": layer}
-        for (name, column), energy in noise.items():
-            if name == layer:
-                row[column] = 10 * math.log10(signal[layer] / energy) if energy > 0 else math.inf
-        rows.append(row)
-    return rows
+    return [{"layer": layer, **{column: 10 * math.log10(signal[layer] / energy) if energy > 0 else math.inf
+                                for column, energy in noise[layer].items()}} for layer in layers]
 
 
 def evaluate(model: torch.nn.Module, labels: torch.Tensor, reference: torch.Tensor, args: argparse.Namespace) -> dict:

@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata, timed  # noqa: E402
+from bench_common import run_metadata, score_images, timed  # noqa: E402
 from dqcompile import ActivationSpec, QDiTOptions, QuantSpec, WeightSpec  # noqa: E402
-from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
-from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
+from dqcompile.data import load_fashion_mnist  # noqa: E402
+from dqcompile.eval import sample  # noqa: E402
 from dqcompile.models import NUM_CLASSES, load_embedded_model  # noqa: E402
 from dqcompile.search import search_group_sizes  # noqa: E402
 
@@ -166,11 +166,9 @@ def main() -> None:
 
     def score(name: str, weights: str, images: torch.Tensor, quantize_seconds: float, sample_seconds: float,
               fp_uint8: torch.Tensor | None) -> torch.Tensor:
-        uint8 = from_model_space(images.cpu())
+        uint8, scores = score_images(images, reference, fp_uint8, args.device)
         row = {"row": name, "weights": weights, "quantize_seconds": quantize_seconds, "sample_seconds": sample_seconds,
-               "metrics": generative_metrics(uint8, reference, device=args.device)}
-        if fp_uint8 is not None:
-            row["psnr_db_vs_fp"] = fidelity_to_reference(uint8, fp_uint8)["psnr_db"]
+               **scores}
         results["rows"].append(row)
         out.write_text(json.dumps(results, indent=2))
         print(f"{weights:5s} {name:26s} FID {row['metrics']['fid']:8.2f}  ({sample_seconds:.0f} s sampling, "

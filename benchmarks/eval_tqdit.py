@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata, timed  # noqa: E402
+from bench_common import run_metadata, score_images, timed, timed_with_peak  # noqa: E402
 from dqcompile import QuantSpec  # noqa: E402
-from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
-from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
+from dqcompile.data import load_fashion_mnist  # noqa: E402
+from dqcompile.eval import sample  # noqa: E402
 from dqcompile.models import NUM_CLASSES, load_embedded_config, load_embedded_model  # noqa: E402
 from dqcompile.spec import TQDiTOptions  # noqa: E402
 
@@ -66,13 +66,10 @@ def row_spec(row: str, width: str, schedule: dict[str, Any], time_groups: int, h
 def timed_quantize(
     model: torch.nn.Module, spec: QuantSpec, calibration: Any, device: str
 ) -> tuple[Any, dict[str, float]]:
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    qmodel, seconds = timed(dqcompile.quantize, model, spec, calibration, progress=False)
+    qmodel, seconds, peak = timed_with_peak(dqcompile.quantize, model, spec, calibration, progress=False)
     cost = {"quantize_seconds": seconds}
-    if cuda:
-        cost["quantize_peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if torch.device(device).type == "cuda":
+        cost["quantize_peak_cuda_mib"] = peak / 2**20
     return qmodel, cost
 
 
@@ -143,11 +140,8 @@ def main() -> None:
 
     def score(name: str, width: str, images: torch.Tensor, sample_seconds: float, extra: dict[str, Any],
               fp_uint8: torch.Tensor | None) -> torch.Tensor:
-        uint8 = from_model_space(images.cpu())
-        row = {"row": name, "width": width, "sample_seconds": sample_seconds, **extra,
-               "metrics": generative_metrics(uint8, reference, device=args.device)}
-        if fp_uint8 is not None:
-            row["psnr_db_vs_fp"] = fidelity_to_reference(uint8, fp_uint8)["psnr_db"]
+        uint8, scores = score_images(images, reference, fp_uint8, args.device)
+        row = {"row": name, "width": width, "sample_seconds": sample_seconds, **extra, **scores}
         results["rows"].append(row)
         out.write_text(json.dumps(results, indent=2, default=str))
         print(f"{width:5s} {name:6s} FID {row['metrics']['fid']:8.2f}  ({sample_seconds:.0f} s sampling, "

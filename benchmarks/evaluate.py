@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile  # noqa: E402
-from bench_common import run_metadata, timed  # noqa: E402
+from bench_common import run_metadata, timed, timed_with_peak  # noqa: E402
 from dqcompile.data import from_model_space, load_fashion_mnist  # noqa: E402
 from dqcompile.eval import fidelity_to_reference, generative_metrics, sample  # noqa: E402
 from dqcompile.models import NUM_CLASSES, load_embedded_model  # noqa: E402
@@ -113,13 +113,11 @@ def main() -> None:
                     dqcompile.calibration_set, model, num_timesteps=args.calib_timesteps,
                     samples_per_timestep=args.calib_per_timestep, seed=args.seed, guidance_scale=guidance,
                     progress=False)
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            qmodel, row["quantize_seconds"] = timed(
+            qmodel, row["quantize_seconds"], peak = timed_with_peak(
                 dqcompile.quantize, model, spec, calibration=calibration if spec.needs_calibration else None,
                 progress=False)
-            if torch.cuda.is_available():
-                row["quantize_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if peak is not None:
+                row["quantize_peak_gib"] = peak / 2**30
             row["linear_weight_mib"] = qmodel.report.quantized_weight_bytes / 2**20
             images, row["sample_seconds"] = timed(sample, qmodel, labels, **sampling)
             images_uint8 = from_model_space(images.float().cpu())
