@@ -67,8 +67,7 @@ def score_images(images: torch.Tensor, reference: torch.Tensor, fp_uint8: torch.
     """Model-space images as uint8, and their scores: {"metrics": generative_metrics against `reference`}
     plus "psnr_db_vs_fp" against the float model's images `fp_uint8` when given."""
     # Imported here: the GEMM and DiT speed benchmarks use this module too and need no metrics stack.
-    from dqcompile.data import from_model_space
-    from dqcompile.eval import fidelity_to_reference, generative_metrics
+    from dqcompile.fmnist import fidelity_to_reference, from_model_space, generative_metrics
 
     uint8 = from_model_space(images.cpu())
     scores: dict[str, Any] = {"metrics": generative_metrics(uint8, reference, device=device)}

@@ -25,7 +25,7 @@ PRESETS = ("w8a8", "w6a6", "w4a8")
 
 def build_model(kind: str) -> torch.nn.Module:
     if kind == "embedded":
-        from dqcompile.models import load_embedded_model
+        from dqcompile.fmnist import load_embedded_model
 
         return load_embedded_model()
     from diffusers import DiTTransformer2DModel

@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from dqcompile.data import load_fashion_mnist, to_model_space
-from dqcompile.models.classifier import (
+from dqcompile.fmnist.classifier import (
     CLASSIFIER_CHECKPOINT_NAME,
     CLASSIFIER_CONFIG,
     CLASSIFIER_CONFIG_NAME,
     FashionMNISTClassifier,
     build_classifier,
 )
+from dqcompile.fmnist.data import load_fashion_mnist, to_model_space
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
 from training_common import device_name, learning_rate, random_horizontal_flip, run_script, train_for  # noqa: E402

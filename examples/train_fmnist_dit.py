@@ -34,11 +34,9 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 
-from dqcompile.data import from_model_space, load_fashion_mnist, to_model_space
-from dqcompile.eval.grid import save_image_grid
-from dqcompile.eval.sampling import sample
-from dqcompile.models.classifier import load_classifier
-from dqcompile.models.fmnist import (
+from dqcompile.fmnist.classifier import load_classifier
+from dqcompile.fmnist.data import from_model_space, load_fashion_mnist, to_model_space
+from dqcompile.fmnist.dit import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
     FMNIST_DIT_CONFIG,
@@ -49,6 +47,8 @@ from dqcompile.models.fmnist import (
     build_fmnist_dit,
     load_embedded_model,
 )
+from dqcompile.fmnist.grid import save_image_grid
+from dqcompile.fmnist.sampling import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever run from
 from training_common import device_name, learning_rate, random_horizontal_flip, run_script, train_for  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dqcompile import data
+from dqcompile.fmnist import data
 
 REAL_DATA = data.find_fashion_mnist("test") is not None
 needs_real_data = pytest.mark.skipif(not REAL_DATA, reason="Fashion-MNIST files not installed")

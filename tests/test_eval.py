@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dqcompile import data
-from dqcompile.eval import fidelity_to_reference, generative_metrics, image_grid, save_image_grid
-from dqcompile.eval.features import FEATURE_EXTRACTOR_NAME, FEATURE_LAYER, FashionMNISTFeatureExtractor
-from dqcompile.models.classifier import (
+from dqcompile.fmnist import data
+from dqcompile.fmnist import fidelity_to_reference, generative_metrics, image_grid, save_image_grid
+from dqcompile.fmnist.features import FEATURE_EXTRACTOR_NAME, FEATURE_LAYER, FashionMNISTFeatureExtractor
+from dqcompile.fmnist.classifier import (
     CLASSIFIER_CHECKPOINT_NAME,
     CLASSIFIER_CONFIG,
     CLASSIFIER_CONFIG_NAME,

@@ -1,5 +1,6 @@
 """Sampling: determinism across batch sizes, classifier-free guidance, the step callback, model mode;
-the noise schedule and the embedded model's loaders."""
+the core sampler's explicit scheduler, null class and sample shape; the noise schedule and the sampler
+settings of the embedded model; the embedded model's loaders."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from dqcompile.eval import sample
-from dqcompile.models.classifier import load_classifier
-from dqcompile.models.fmnist import (
+from dqcompile import sampling as core
+from dqcompile.fmnist import sample
+from dqcompile.fmnist.classifier import load_classifier
+from dqcompile.fmnist.dit import (
     FMNIST_DIT_CONFIG,
     FMNIST_SCHEDULER_CONFIG,
     NULL_CLASS_ID,
@@ -160,3 +162,47 @@ def test_missing_checkpoint_error_says_how_to_train(tmp_path) -> None:
         load_embedded_model(directory=tmp_path)
     with pytest.raises(FileNotFoundError, match="train_fmnist_classifier.py"):
         load_classifier(directory=tmp_path)
+
+
+def test_sampler_settings_are_arguments() -> None:
+    assert make_scheduler("ddim").config.clip_sample is FMNIST_SCHEDULER_CONFIG["clip_sample"]
+    unclipped = make_scheduler("ddim", clip_sample=False, timestep_spacing="leading")
+    assert unclipped.config.clip_sample is False and unclipped.config.timestep_spacing == "leading"
+    assert unclipped.config.beta_schedule == FMNIST_SCHEDULER_CONFIG["beta_schedule"]  # the schedule stays
+    assert make_scheduler("ddpm", clip_sample=False).config.clip_sample is False
+
+
+def test_clip_sample_changes_the_images(tiny_dit: nn.Module) -> None:
+    labels = torch.tensor([1, 8])
+    kwargs = dict(steps=3, guidance_scale=4.0, seed=0, progress=False)
+    clipped = sample(tiny_dit, labels, clip_sample=True, **kwargs)
+    unclipped = sample(tiny_dit, labels, clip_sample=False, **kwargs)
+    assert clipped.abs().max() <= 1.0 + 1e-5 < unclipped.abs().max()
+    with pytest.raises(ValueError, match="not with a scheduler instance"):
+        sample(tiny_dit, labels, scheduler=make_scheduler("ddim"), clip_sample=False, **kwargs)
+
+
+def test_core_sampler_takes_scheduler_null_class_and_shape_as_arguments(tiny_dit: nn.Module) -> None:
+    labels = torch.tensor([0, 3, 9])
+    kwargs = dict(steps=3, guidance_scale=2.0, seed=5, batch_size=2, progress=False)
+    wrapped = sample(tiny_dit, labels, **kwargs)
+    direct = core.sample(tiny_dit, labels, scheduler=make_scheduler("ddim"), null_class_id=NULL_CLASS_ID, **kwargs)
+    assert torch.equal(wrapped, direct)
+    # A scheduler config works too, and the caller's scheduler instance is not changed by sampling.
+    instance = make_scheduler("ddim")
+    core.sample(tiny_dit, labels[:1], scheduler=instance, null_class_id=NULL_CLASS_ID, steps=2, progress=False)
+    assert instance.num_inference_steps is None
+    from_config = core.sample(tiny_dit, labels, scheduler=dict(make_scheduler("ddim").config),
+                              null_class_id=NULL_CLASS_ID, **kwargs)
+    assert torch.equal(from_config, direct)
+    recorder = CallRecorder(tiny_dit)
+    core.sample(recorder, labels[:1], scheduler=make_scheduler("ddim"), null_class_id=7, steps=1,
+                guidance_scale=2.0, progress=False)
+    assert recorder.label_batches[0].tolist() == [0, 7]
+    echo = LabelEcho()
+    del echo.config
+    with pytest.raises(ValueError, match=r"pass sample_shape=\(C, H, W\)"):
+        core.sample(echo, labels, scheduler=make_scheduler("ddim"), null_class_id=10, steps=1, progress=False)
+    shaped = core.sample(echo, labels, scheduler=make_scheduler("ddim"), null_class_id=10, steps=1,
+                         sample_shape=(2, 4, 6), progress=False)
+    assert shaped.shape == (3, 2, 4, 6)

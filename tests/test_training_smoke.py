@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dqcompile import data
-from dqcompile.eval import sample
-from dqcompile.models.classifier import (
+from dqcompile.fmnist import data
+from dqcompile.fmnist import sample
+from dqcompile.fmnist.classifier import (
     CLASSIFIER_CHECKPOINT_NAME,
     CLASSIFIER_CONFIG,
     CLASSIFIER_CONFIG_NAME,
@@ -22,7 +22,7 @@ from dqcompile.models.classifier import (
     classifier_record,
     load_classifier,
 )
-from dqcompile.models.fmnist import NULL_CLASS_ID, embedded_training_record, load_embedded_config, load_embedded_model
+from dqcompile.fmnist.dit import NULL_CLASS_ID, embedded_training_record, load_embedded_config, load_embedded_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 found = data.find_fashion_mnist("train")

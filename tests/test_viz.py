@@ -224,7 +224,7 @@ def test_cli_viz_runs_on_an_injected_model(tmp_path, monkeypatch, capsys):
     from dqcompile import cli
     from dqcompile.viz import command
 
-    monkeypatch.setattr(command, "_embedded_model", lambda device: tiny_dit())
+    monkeypatch.setattr(cli, "_embedded_model", lambda device: tiny_dit())
     out, table = tmp_path / "g.html", tmp_path / "e.csv"
     assert cli.main(["viz", "--spec", "w8a8", "--out", str(out), "--samples", "2", "--steps", "1", "--csv", str(table)]) == 0
     printed = capsys.readouterr().out
@@ -235,4 +235,4 @@ def test_cli_viz_runs_on_an_injected_model(tmp_path, monkeypatch, capsys):
     assert data["error_mode"] == "isolated" and any(p[0] == "adaLN" for p in data["pairs"])
     assert out.with_suffix(".dot").is_file()
     with pytest.raises(ValueError, match="csv_path with images > 0"):
-        command.run_viz(out=tmp_path / "x.html", images=0, csv_path=tmp_path / "x.csv", model_source=tiny_dit)
+        command.run_viz(tiny_dit(), out=tmp_path / "x.html", images=0, csv_path=tmp_path / "x.csv")

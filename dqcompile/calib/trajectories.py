@@ -53,36 +53,18 @@ class CalibrationSet:
         return self.batches[index]
 
 
-def _is_embedded_model(model: nn.Module) -> bool:
-    """A diffusers DiT with the embedded Fashion-MNIST model's config (the shipped one, else the default)."""
-    from dqcompile.models.fmnist import FMNIST_DIT_CONFIG, load_embedded_config
-
-    config = getattr(model, "config", None)
-    if type(model).__name__ != "DiTTransformer2DModel" or config is None:
-        return False
-    try:
-        embedded = load_embedded_config()["model"]
-    except FileNotFoundError:
-        embedded = FMNIST_DIT_CONFIG
-    return all(config.get(key) == value for key, value in embedded.items())
-
-
-def _make_scheduler(model: nn.Module, scheduler: str | SchedulerMixin) -> SchedulerMixin:
-    """A fresh scheduler: the embedded model's schedule for the embedded model, diffusers' default
-    DDPM schedule (1000 steps, linear betas) otherwise; or a copy of the one given."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+def _make_scheduler(scheduler: str | SchedulerMixin) -> SchedulerMixin:
+    """A copy of the scheduler given, or for "ddpm" / "ddim" one with diffusers' default schedule
+    (1000 steps, linear betas). A model trained on another schedule needs its own scheduler passed."""
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from dqcompile.sampling import make_scheduler
 
     if isinstance(scheduler, SchedulerMixin):
         return type(scheduler).from_config(scheduler.config)
     if scheduler not in ("ddpm", "ddim"):
         raise ValueError(f"scheduler={scheduler!r} is not allowed; allowed values: 'ddpm', 'ddim' or a diffusers scheduler")
-    if _is_embedded_model(model):
-        from dqcompile.models.fmnist import make_scheduler
-
-        return make_scheduler(scheduler)
-    config = DDPMScheduler().config
-    return (DDPMScheduler if scheduler == "ddpm" else DDIMScheduler).from_config(config)
+    return make_scheduler(scheduler)
 
 
 def _class_conditional_inputs(model: nn.Module) -> MakeInputs:
@@ -151,8 +133,10 @@ def calibration_set(
 
     Args:
         model: the float model (eval mode is used; the model's mode is restored).
-        scheduler: "ddpm" or "ddim" (the embedded model's noise schedule for the embedded model,
-            diffusers' default 1000-step DDPM schedule otherwise), or a diffusers scheduler to copy.
+        scheduler: a diffusers DDPM or DDIM scheduler (copied) with the model's own noise schedule, or
+            "ddpm" / "ddim" for diffusers' default 1000-step linear-beta schedule. Pass the model's
+            scheduler whenever it was trained on another schedule (dqcompile.fmnist.make_scheduler for
+            the embedded Fashion-MNIST model).
         guidance_scale: eps = eps_null + w (eps_cond - eps_null); None or <= 1: no guidance, no null rows.
         num_classes: default: the diffusers DiT config's num_embeds_ada_norm.
         null_class: label of the unconditional rows; default num_classes (diffusers DiT's convention).
@@ -182,7 +166,7 @@ def calibration_set(
     make_inputs = make_inputs or _class_conditional_inputs(model)
     shape = _sample_shape(model, sample_shape)
     recorded = _recorded_steps(num_timesteps, num_inference_steps)
-    noise_scheduler = _make_scheduler(model, scheduler)
+    noise_scheduler = _make_scheduler(scheduler)
     noise_scheduler.set_timesteps(num_inference_steps)
     guided = guidance_scale is not None and guidance_scale > 1.0
 

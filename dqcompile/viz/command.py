@@ -1,11 +1,12 @@
-"""`dqcompile viz`: quantize a model, measure each layer's error on its own sampling trajectories, draw the graph."""
+"""`dqcompile viz`: quantize a model, measure each layer's error on its own sampling trajectories, draw the graph.
+
+The model and its noise schedule are arguments (the command line passes the embedded Fashion-MNIST DiT)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import torch
@@ -13,11 +14,14 @@ from torch import nn
 
 import dqcompile
 from dqcompile.capture import capture
-from dqcompile.eval.sampling import sample
+from dqcompile.sampling import make_scheduler, sample
 from dqcompile.passes.find_adaln_pairs import find_adaln_pairs
 from dqcompile.viz.browser import page_url, screenshot
 from dqcompile.viz.errors import ErrorMode, format_layer_errors, layer_errors
 from dqcompile.viz.render import RenderedFiles, render
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 class _RecordInputs(nn.Module):
@@ -37,10 +41,14 @@ class _RecordInputs(nn.Module):
         return SimpleNamespace(sample=output[:, : hidden_states.shape[1]])
 
 
-def trajectory_inputs(model: nn.Module, images: int, steps: int, *, seed: int = 0, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+def trajectory_inputs(model: nn.Module, images: int, steps: int, *, seed: int = 0, progress: bool = True,
+                      scheduler: SchedulerMixin | None = None) -> list[dict[str, torch.Tensor]]:
     """The inputs of a class-conditional diffusers DiT at every step of its own DDIM sampling of `images`
     images (classes 0, 1, ... in turn; classifier-free guidance 1.5, so each batch holds 2 x images
     rows: conditional and null class).
+
+    scheduler: the model's noise schedule (a diffusers scheduler); default: diffusers' DDIM with its
+    default 1000-step linear-beta schedule.
 
     These are the activations a quantized model meets in use, which random noise at a random
     timestep is not (a late step's x_t is nearly an image).
@@ -48,19 +56,16 @@ def trajectory_inputs(model: nn.Module, images: int, steps: int, *, seed: int = 
     recorder = _RecordInputs(model)
     num_classes = model.config.num_embeds_ada_norm  # diffusers DiT: the null class is the next label
     labels = torch.arange(images) % num_classes
-    sample(recorder, labels, steps=steps, guidance_scale=1.5, seed=seed, batch_size=images, progress=progress,
-           null_class_id=num_classes)
+    sample(recorder, labels, scheduler=scheduler if scheduler is not None else make_scheduler("ddim"),
+           null_class_id=num_classes, steps=steps, guidance_scale=1.5, seed=seed, batch_size=images,
+           progress=progress)
     return recorder.calls
 
 
-def _embedded_model(device: str) -> nn.Module:
-    from dqcompile.models import load_embedded_model
-
-    return load_embedded_model(device=device)
-
-
 def run_viz(
+    model: nn.Module,
     *,
+    scheduler: SchedulerMixin | None = None,
     spec: str = "w4a8",
     out: str | Path = "graph.html",
     images: int = 8,
@@ -70,21 +75,21 @@ def run_viz(
     device: str = "cpu",
     seed: int = 0,
     screenshot_path: str | Path | None = None,
-    model_source: Callable[[], nn.Module] | None = None,
     progress: bool = True,
 ) -> RenderedFiles:
-    """Quantize the model (by default the embedded Fashion-MNIST DiT) with `spec`, measure every
+    """Quantize the float `model` (a class-conditional diffusers DiT) with `spec`, measure every
     quantized layer's SQNR on the inputs of `steps` sampling steps of `images` images (also the
     calibration data), and write the graph page `out` (+ .dot, + .svg with Graphviz), the error table
     on stdout, and as CSV to `csv_path` when given. images 0 draws the graph without errors.
     screenshot_path: also a PNG of the page (headless Chromium), opened on the worst layer.
-
-    model_source: builds the float model (tests pass a tiny one); default: the embedded model on `device`.
+    scheduler: the model's noise schedule for the trajectories (see `trajectory_inputs`).
+    device: where the model is moved before anything runs.
     """
     if csv_path is not None and images <= 0:
         raise ValueError("the error table needs inputs: csv_path with images > 0")
-    model = model_source() if model_source is not None else _embedded_model(device)
-    inputs = trajectory_inputs(model, images, steps, seed=seed, progress=progress) if images > 0 else None
+    model = model.to(device)
+    inputs = (trajectory_inputs(model, images, steps, seed=seed, progress=progress, scheduler=scheduler)
+              if images > 0 else None)
     qmodel = dqcompile.quantize(model, spec, calibration=inputs, progress=progress)
     captured = capture(model, inputs[0]) if inputs else None
     pairs = find_adaln_pairs(captured if captured is not None else model)

@@ -1,6 +1,6 @@
 """Fashion-MNIST: finding and reading the raw release files, and the model's pixel space.
 
-The embedded default model (dqcompile.models.fmnist) is trained on Fashion-MNIST padded from 28x28 to
+The embedded default model (dqcompile.fmnist.dit) is trained on Fashion-MNIST padded from 28x28 to
 32x32 so that patch size 2 gives 256 tokens, the token count of DiT-XL/2 at 256 px. The data is read
 from the four official gzip'd IDX files, found in this order:
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dqcompile.data import from_model_space
+from dqcompile.fmnist.data import from_model_space
 
 __all__ = ["image_grid", "save_image_grid"]
 

@@ -22,8 +22,8 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from dqcompile.data import IMAGE_SIZE, MODEL_IMAGE_SIZE, to_model_space
-from dqcompile.models.classifier import CLASSIFIER_CONFIG, load_classifier
+from dqcompile.fmnist.data import IMAGE_SIZE, MODEL_IMAGE_SIZE, to_model_space
+from dqcompile.fmnist.classifier import CLASSIFIER_CONFIG, load_classifier
 
 __all__ = ["FEATURE_EXTRACTOR_NAME", "FEATURE_LAYER", "LOGITS_LAYER", "FashionMNISTFeatureExtractor"]
 

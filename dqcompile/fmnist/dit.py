@@ -6,7 +6,7 @@ module structure as DiT-XL/2: patch size 2 on a 32x32 input gives 256 tokens (Di
 18.4 MB in fp32, and on 2 CPU cores about one second per forward of 64 rows, so that CPU sampling of 32
 images x 20 DDIM steps with guidance takes about 22 s.
 
-Class conditioning: labels 0..9 are the Fashion-MNIST classes (dqcompile.data.CLASS_NAMES); label
+Class conditioning: labels 0..9 are the Fashion-MNIST classes (dqcompile.fmnist.data.CLASS_NAMES); label
 ``NULL_CLASS_ID`` = 10 is the "no class" row used by classifier-free guidance (diffusers gives the label
 table ``num_classes + 1`` rows when its class dropout is on, and the last row is the null class).
 
@@ -17,6 +17,11 @@ steps and makes few-step DDIM sampling (20-50 steps, what the quantization evalu
 cosine schedule spreads the signal-to-noise ratio evenly in log space over all timesteps.
 ``timestep_spacing="trailing"`` makes few-step sampling start at t = 999, the pure-noise end the model
 was trained on, rather than at t = 1000 - 1000/steps.
+
+The sampler settings (``clip_sample``, ``timestep_spacing``, DDIM or DDPM, steps) are a protocol choice of
+whoever samples, not a property of the model: ``make_scheduler`` takes them as arguments, and the values in
+the checkpoint's config are only the defaults used when none are given (docs/quality.md, "Sampler
+settings", says which protocol the tables use and why).
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
+
+from dqcompile.sampling import make_scheduler as make_schedule_scheduler
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 __all__ = [
     "FMNIST_DIT_CONFIG",
@@ -36,6 +46,7 @@ __all__ = [
     "NUM_CLASSES",
     "NULL_CLASS_ID",
     "CHECKPOINT_NAME",
+    "CHECKPOINT_DIR",
     "CONFIG_NAME",
     "TRAINING_RECORD_NAME",
     "build_fmnist_dit",
@@ -79,6 +90,8 @@ FMNIST_SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "trailing",
 }
 
+# The shipped checkpoint files' folder inside the package (dqcompile/fmnist/checkpoints/).
+CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAME = "fmnist_dit.safetensors"
 CONFIG_NAME = "fmnist_dit.json"
 TRAINING_RECORD_NAME = "fmnist_dit_training.json"
@@ -86,7 +99,7 @@ TRAINING_RECORD_NAME = "fmnist_dit_training.json"
 _TRAINING_HINT = (
     "Train it with `PYTHONPATH=. python examples/train_fmnist_dit.py --data DIR --out OUT` (DIR holds the "
     "four Fashion-MNIST .gz files) and copy OUT/fmnist_dit.safetensors, OUT/fmnist_dit.json and "
-    "OUT/fmnist_dit_training.json into dqcompile/models/data/."
+    "OUT/fmnist_dit_training.json into dqcompile/fmnist/checkpoints/."
 )
 
 
@@ -105,9 +118,9 @@ def data_file(name: str, directory: str | Path | None, how_to_make: str) -> Path
     else:
         # The package data is a plain folder in any install that can import torch extensions,
         # so the Traversable is a real file.
-        path = Path(str(resources.files("dqcompile.models").joinpath("data", name)))
+        path = Path(str(resources.files("dqcompile.fmnist").joinpath(CHECKPOINT_DIR, name)))
     if not path.is_file():
-        where = f"in {directory}" if directory is not None else "in dqcompile/models/data/ (not shipped yet?)"
+        where = f"in {directory}" if directory is not None else "in dqcompile/fmnist/checkpoints/ (not shipped yet?)"
         raise FileNotFoundError(f"model file {name} not found {where}. {how_to_make}")
     return path
 
@@ -127,7 +140,7 @@ def load_embedded_model(
     Args:
         device, dtype: where and in which dtype to put the weights (stored in fp32).
         directory: a folder holding fmnist_dit.safetensors and fmnist_dit.json (the training script's
-            output); default: the files shipped in dqcompile/models/data/.
+            output); default: the files shipped in dqcompile/fmnist/checkpoints/.
 
     Raises:
         FileNotFoundError: when the checkpoint is not there, with how to train it.
@@ -148,22 +161,25 @@ def embedded_training_record(directory: str | Path | None = None) -> dict[str, A
 
 
 def make_scheduler(
-    kind: Literal["ddim", "ddpm"] = "ddim", config: dict[str, Any] | None = None
-) -> DDIMScheduler | DDPMScheduler:
+    kind: Literal["ddim", "ddpm"] = "ddim",
+    config: dict[str, Any] | None = None,
+    *,
+    clip_sample: bool | None = None,
+    timestep_spacing: str | None = None,
+) -> SchedulerMixin:
     """A fresh diffusers scheduler for the embedded model's noise schedule.
 
     Args:
         kind: "ddim" (deterministic, eta 0) or "ddpm" (ancestral sampling).
         config: a scheduler config; default: the shipped checkpoint's, or FMNIST_SCHEDULER_CONFIG when
             no checkpoint is shipped (the two are the same unless someone retrained with another schedule).
+        clip_sample: clip the predicted x0 to [-1, 1] at every step (diffusers' DDIM/DDPM option);
+            None: the config's value (True in the shipped config).
+        timestep_spacing: "trailing", "leading" or "linspace" (diffusers); None: the config's ("trailing").
     """
     if config is None:
         try:
             config = load_embedded_config()["scheduler"]
         except FileNotFoundError:
             config = FMNIST_SCHEDULER_CONFIG
-    if kind == "ddim":
-        return DDIMScheduler.from_config(config)
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(config)
-    raise ValueError(f"scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
+    return make_schedule_scheduler(kind, config, clip_sample=clip_sample, timestep_spacing=timestep_spacing)

@@ -1,8 +1,10 @@
-"""Image-quality metrics (FID, KID, IS, precision/recall) and fidelity of a quantized model to the float one.
+"""Image-quality metrics (FID, KID, IS, precision/recall), class accuracy of samples, and fidelity of a
+quantized model to the float one.
 
 ``generative_metrics`` runs torch-fidelity on in-memory uint8 images with the Fashion-MNIST classifier as
-the feature space (dqcompile.eval.features). ``fidelity_to_reference`` compares two tensors produced from
-the same noise (final images, or one step's model outputs): PSNR and relative L2.
+the feature space (dqcompile.fmnist.features). ``class_accuracy`` is the share of samples that the
+classifier puts in the class they were asked for. ``fidelity_to_reference`` compares two tensors produced
+from the same noise (final images, or one step's model outputs): PSNR and relative L2.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dqcompile.data import IMAGE_SIZE, MODEL_IMAGE_SIZE
+from dqcompile.fmnist.data import IMAGE_SIZE, MODEL_IMAGE_SIZE, to_model_space
 
-__all__ = ["UInt8ImageDataset", "generative_metrics", "fidelity_to_reference"]
+__all__ = ["UInt8ImageDataset", "class_accuracy", "generative_metrics", "fidelity_to_reference"]
 
 # Nominal value ranges for PSNR: 8-bit codes, and model space [-1, 1].
 UINT8_RANGE = 255.0
@@ -83,10 +85,10 @@ def generative_metrics(
         dict with fid, kid_mean, kid_std, and isc_mean, isc_std (if isc), precision, recall, f_score
         (if prc), num_generated, num_reference.
     """
-    # Imported here so that dqcompile.eval (sampling, fidelity) works without torch-fidelity installed.
+    # Imported here so that dqcompile.fmnist (sampling, fidelity) works without torch-fidelity installed.
     import torch_fidelity
 
-    from dqcompile.eval.features import FEATURE_EXTRACTOR_NAME
+    from dqcompile.fmnist.features import FEATURE_EXTRACTOR_NAME
 
     generated, reference = UInt8ImageDataset(generated_uint8), UInt8ImageDataset(reference_uint8)
     num_generated, num_reference = len(generated), len(reference)
@@ -157,3 +159,35 @@ def fidelity_to_reference(
     else:
         rel_l2 = math.sqrt(squared_error) / reference_norm
     return {"psnr_db": psnr_db, "rel_l2": rel_l2}
+
+
+@torch.no_grad()
+def class_accuracy(
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    classifier: torch.nn.Module | None = None,
+    classifier_dir: str | Path | None = None,
+    batch_size: int = 1000,
+    device: str | torch.device | None = None,
+) -> float:
+    """The share of generated images that the classifier assigns to the class they were sampled for.
+
+    images_uint8: uint8 images [N, 1, 32, 32] or [N, 28, 28] (what the FID sees); labels: int [N].
+    classifier: a loaded classifier (default: the shipped one, or the one in ``classifier_dir``).
+    """
+    from dqcompile.fmnist.classifier import load_classifier
+
+    if images_uint8.shape[0] != labels.numel():
+        raise ValueError(f"{images_uint8.shape[0]} images but {labels.numel()} labels")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if classifier is None:
+        classifier = load_classifier(device=device, directory=classifier_dir)
+    classifier_device = next(classifier.parameters()).device
+    correct = 0
+    for start in range(0, images_uint8.shape[0], batch_size):
+        batch = to_model_space(images_uint8[start : start + batch_size]).to(classifier_device)
+        predicted = classifier(batch).argmax(dim=1).cpu()
+        correct += int((predicted == labels[start : start + batch_size].cpu()).sum())
+    return correct / max(images_uint8.shape[0], 1)

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 import dqcompile
-from dqcompile.data import from_model_space, load_fashion_mnist
-from dqcompile.eval import fidelity_to_reference, generative_metrics, sample, save_image_grid
-from dqcompile.models import NUM_CLASSES, load_embedded_model
+from dqcompile.fmnist.data import from_model_space, load_fashion_mnist
+from dqcompile.fmnist.dit import NUM_CLASSES, load_embedded_model, make_scheduler
+from dqcompile.fmnist.grid import save_image_grid
+from dqcompile.fmnist.metrics import fidelity_to_reference, generative_metrics
+from dqcompile.fmnist.sampling import sample
 from dqcompile.spec import QuantSpec
 
 
@@ -53,7 +55,7 @@ def run_demo(
     if quant_spec.needs_calibration:
         calibration = dqcompile.calibration_set(
             model, num_timesteps=steps, samples_per_timestep=calibration_samples, num_inference_steps=steps,
-            scheduler="ddim", guidance_scale=guidance, seed=seed,
+            scheduler=make_scheduler("ddim"), guidance_scale=guidance, seed=seed,
         )
     qmodel = dqcompile.quantize(model, quant_spec, calibration=calibration)
     quantize_seconds = time.perf_counter() - start

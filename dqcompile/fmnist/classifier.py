@@ -1,7 +1,7 @@
 """A small CNN classifier for Fashion-MNIST in model space (1 x 32 x 32, values in [-1, 1]).
 
 Its penultimate layer (global-average-pooled last conv block, 128 values) is the feature space of the
-Fashion-MNIST FID / KID / precision-recall (dqcompile.eval.features), the role Inception's pool3
+Fashion-MNIST FID / KID / precision-recall (dqcompile.fmnist.features), the role Inception's pool3
 features play for ImageNet; its logits give the Inception Score. A classifier trained on this very data
 sees what matters for garments (shape, texture, class identity), which Inception at 299 px does not.
 """
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dqcompile.models.fmnist import data_file
+from dqcompile.fmnist.dit import data_file
 
 __all__ = [
     "CLASSIFIER_CONFIG",
@@ -86,7 +86,7 @@ def build_classifier(config: dict[str, Any] | None = None) -> FashionMNISTClassi
 _TRAINING_HINT = (
     "Train it with `PYTHONPATH=. python examples/train_fmnist_classifier.py --data DIR --out OUT` (DIR holds "
     "the four Fashion-MNIST .gz files) and copy OUT/fmnist_classifier.safetensors and "
-    "OUT/fmnist_classifier.json into dqcompile/models/data/."
+    "OUT/fmnist_classifier.json into dqcompile/fmnist/checkpoints/."
 )
 
 
