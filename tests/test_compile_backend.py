@@ -24,6 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import dqcompile
+from dqcompile.backends import bind_arguments
 from dqcompile.backends.compile import RewriteSummary, make_backend, resolve_kernels, rewrite_graph
 from dqcompile.example_inputs import default_example_inputs
 from tiny_models import hand_dit, hand_dit_inputs, tiny_dit
@@ -55,7 +56,7 @@ def call(model: Any, inputs: dict | tuple) -> torch.Tensor:
 
 
 def run_rewritten(qmodel: dqcompile.QuantizedModel, inputs: dict | tuple,
-                  kernels: str = "auto") -> tuple[torch.Tensor, torch.fx.GraphModule, RewriteSummary]:
+                  kernels: str) -> tuple[torch.Tensor, torch.fx.GraphModule, RewriteSummary]:
     """Capture `qmodel` with dynamo, apply the backend's rewrite, and run the rewritten graph eagerly."""
     torch._dynamo.reset()
     captured: list[tuple[torch.fx.GraphModule, RewriteSummary]] = []
@@ -85,39 +86,77 @@ def one_block_w8a8() -> dqcompile.QuantizedModel:
     return dqcompile.quantize(tiny_dit(num_layers=1), "w8a8", progress=False)
 
 
-# Per block: the attention input (q, k, v) and the MLP input (fc1) are modulated LayerNorms; the hand DiT
-# also quantizes its final linear, fed by the final modulated LayerNorm.
+# Per block: the attention input (q, k, v) and the MLP input (fc1) are modulated LayerNorms, and the fc2
+# input is a GELU; the hand DiT also quantizes its final linear, fed by the final modulated LayerNorm.
+# What stays a plain quantize_act is the attention output's (to_out / proj input), one per block.
 @pytest.mark.parametrize(
-    ("build", "fused", "quantizers_left"),
+    ("build", "ln_fused", "blocks"),
     [
-        pytest.param(lambda: (tiny_dit(num_layers=2), None), 2 * 2, 2 * 2, id="diffusers_dit"),
-        pytest.param(lambda: (hand_dit(), hand_dit_inputs()), 2 * 2 + 1, 2 * 2, id="hand_dit_fused_qkv"),
+        pytest.param(lambda: (tiny_dit(num_layers=2), None), 2 * 2, 2, id="diffusers_dit"),
+        pytest.param(lambda: (hand_dit(), hand_dit_inputs()), 2 * 2 + 1, 2, id="hand_dit_fused_qkv"),
     ],
 )
-def test_fusion_replaces_modulated_layer_norm_quantizers(build, fused: int, quantizers_left: int) -> None:
+def test_fusion_replaces_quantizers_of_layer_norms_and_gelus(build, ln_fused: int, blocks: int) -> None:
     model, inputs = build()
     inputs = inputs if inputs is not None else default_example_inputs(model)
     qmodel = dqcompile.quantize(model, "w8a8", example_inputs=inputs, progress=False)
     before = dqcompile_ops(qmodel.graph_module)
 
-    output, gm, summary = run_rewritten(qmodel, inputs)
+    output, gm, summary = run_rewritten(qmodel, inputs, kernels="reference")
 
     after = dqcompile_ops(gm)
-    assert summary.kernels == "reference"  # "auto" on CPU
-    assert summary.fused == fused
-    assert after["dqcompile.ln_modulate_quantize"] == fused
-    assert after["dqcompile.quantize_act"] == quantizers_left
+    assert summary.kernels == "reference" and summary.retargeted == {}
+    assert summary.fused == {"ln_modulate_quantize": ln_fused, "gelu_quantize": blocks}
+    assert after["dqcompile.ln_modulate_quantize"] == ln_fused
+    assert after["dqcompile.gelu_quantize"] == blocks
+    assert after["dqcompile.quantize_act"] == blocks
     assert after["dqcompile.int_linear"] == before["dqcompile.int_linear"]
-    # The reference fused op runs the unfused graph's float32 ops in the same order: bit-identical.
+    assert not any(node.target == torch.ops.aten.gelu.default for node in gm.graph.nodes)
+    # w8a8 quantizes activations asymmetrically: every linear keeps x_zero and gets its weight's sums,
+    # one weight_group_sums node per weight.
+    assert summary.symmetric_linears == 0 and summary.w_sums == after["weight_group_sums"] == after["dqcompile.int_linear"]
+    # The reference fused ops run the unfused graph's float32 ops in the same order: bit-identical.
     assert torch.equal(output, call(qmodel, inputs))
+
+
+def test_symmetric_quantizers_drop_the_zero_point_term() -> None:
+    spec = dqcompile.QuantSpec.resolve("w8a8").replace(activations=dqcompile.ActivationSpec(bits=8, symmetric=True))
+    qmodel = dqcompile.quantize(tiny_dit(num_layers=1), spec, progress=False)
+    inputs = diffusers_inputs(2, 500)
+
+    output, gm, summary = run_rewritten(qmodel, inputs, kernels="reference")
+
+    linears = [node for node in gm.graph.nodes if node.target == torch.ops.dqcompile.int_linear.default]
+    assert summary.symmetric_linears == len(linears) == 6 and summary.w_sums == 0
+    assert all(bind_arguments("int_linear", n.args, n.kwargs)["x_zero"] is None for n in linears)
+    assert torch.equal(output, call(qmodel, inputs))
+
+
+def test_aten_decompositions_match_the_reference() -> None:
+    # Run eagerly (no Inductor), the decompositions give the reference's codes and, up to float32
+    # rounding of the epilogue's order, its outputs.
+    qmodel = dqcompile.quantize(tiny_dit(num_layers=1), "w4a8", progress=False)
+    inputs = diffusers_inputs(2, 500)
+
+    output, gm, summary = run_rewritten(qmodel, inputs, kernels="aten")
+
+    assert summary.kernels == "aten"
+    assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::gelu_quantize": 1,
+                                  "dqcompile::quantize_act": 1, "dqcompile::int_linear": 6}
+    ops = dqcompile_ops(gm)
+    assert ops["dqcompile.int_linear"] == ops["dqcompile.quantize_act"] == 0
+    expected = call(qmodel, inputs)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_backend_registration_and_kernel_choice(one_block_w8a8: dqcompile.QuantizedModel) -> None:
     assert "dqcompile" in torch._dynamo.list_backends()
-    with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, reference, triton"):
+    with pytest.raises(ValueError, match=r"kernels='cuda' is not 'auto', 'reference' or an available backend "
+                                         r"\(kernel backend 'cuda' is not available; known backends: aten, reference"):
         make_backend(kernels="cuda")
     graph = one_block_w8a8.graph_module
-    assert resolve_kernels(graph, "auto") == "reference"
+    assert resolve_kernels(graph, "auto") == "aten"
+    assert resolve_kernels(graph, "reference") == "reference"
     if not INTERPRETING:
         with pytest.raises(ValueError, match="kernels='triton' needs CUDA tensors, the quantized model is on cpu"):
             resolve_kernels(graph, "triton")
@@ -127,7 +166,7 @@ def test_compiled_model_matches_eager_in_one_graph(one_block_w8a8: dqcompile.Qua
                                                    caplog: pytest.LogCaptureFixture) -> None:
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(one_block_w8a8, backend="dqcompile", options={"kernels": "reference"})
+    compiled = torch.compile(one_block_w8a8, backend="dqcompile")  # kernels "auto": "aten" on CPU
     caplog.set_level(logging.INFO, logger="dqcompile.backends.compile")
     for index, (batch, timestep) in enumerate([(2, 999), (2, 500), (2, 1), (3, 999), (3, 500), (3, 1)]):
         inputs = diffusers_inputs(batch, timestep)
@@ -146,7 +185,7 @@ def test_compiled_model_matches_eager_in_one_graph(one_block_w8a8: dqcompile.Qua
 
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, "timesteps or batch sizes caused a recompile"
-    assert "kernels=reference, 2 fused LayerNorm+modulate+quantize" in caplog.text
+    assert "kernels=aten, fused {'ln_modulate_quantize': 2, 'gelu_quantize': 1}" in caplog.text
 
 
 def test_diffusers_output_type_compiles_without_graph_break(one_block_w8a8: dqcompile.QuantizedModel) -> None:
@@ -180,16 +219,19 @@ def test_interp_triton_kernels_replace_reference_ops(preset: str, symmetric: boo
 
     output, gm, summary = run_rewritten(qmodel, inputs, kernels="triton")
 
-    assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::quantize_act": 2,
+    # gelu_quantize has no Triton kernel yet: it stays on the reference.
+    assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::quantize_act": 1,
                                   "dqcompile::int_linear": 6}
     ops = dqcompile_ops(gm)
     assert ops["dqcompile.int_linear_triton"] == 6 and ops["dqcompile.ln_modulate_quantize_triton"] == 2
     assert ops["dqcompile.int_linear"] == ops["dqcompile.quantize_act"] == ops["dqcompile.ln_modulate_quantize"] == 0
-    linears = [node for node in gm.graph.nodes if node.target == torch.ops.dqcompile.int_linear_triton.default]
+    assert ops["dqcompile.gelu_quantize"] == 1
+    linears = [bind_arguments("int_linear", node.args, node.kwargs) for node in gm.graph.nodes
+               if node.target == torch.ops.dqcompile.int_linear_triton.default]
     if symmetric:  # zero points are all 0: no zero-point term, no weight sums
-        assert all(node.args[2] is None and node.args[9] is None for node in linears)
+        assert all(args["x_zero"] is None and args["w_sum"] is None for args in linears)
     else:
-        assert ops["weight_group_sums"] == 6 and all(node.args[9] is not None for node in linears)
+        assert ops["weight_group_sums"] == 6 and all(args["w_sum"] is not None for args in linears)
     # The Triton LayerNorm sums in another order than ATen's (float32); codes may then flip by one step,
     # as in test_compiled_model_matches_eager_in_one_graph.
     expected = call(qmodel, inputs)

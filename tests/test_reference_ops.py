@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dqcompile.backends.ops
-from dqcompile.backends import KernelSet, get_backend, reference
+from dqcompile.backends import OP_TABLE, bind_arguments, kernel, load_backend, op_def, reference, register_kernel
 from dqcompile.quant import QuantizedWeight, compute_qparams, quantize, quantize_weight
 
 ops = torch.ops.dqcompile
@@ -215,8 +215,8 @@ CONTRACT_SCHEMAS = {
     "quantize_act": "dqcompile::quantize_act(Tensor x, int bits, int group_size, bool symmetric) "
     "-> (Tensor q, Tensor scale, Tensor zero)",
     "quantize_act_static": "dqcompile::quantize_act_static(Tensor x, Tensor scale, Tensor zero, int bits) -> Tensor q",
-    "int_linear": "dqcompile::int_linear(Tensor qx, Tensor x_scale, Tensor x_zero, Tensor qw, Tensor w_scale, "
-    "Tensor? bias, int w_bits, int group_size, ScalarType out_dtype) -> Tensor",
+    "int_linear": "dqcompile::int_linear(Tensor qx, Tensor x_scale, Tensor? x_zero, Tensor qw, Tensor w_scale, "
+    "Tensor? bias, int w_bits, int group_size, ScalarType out_dtype, Tensor? w_sum=None) -> Tensor",
     "weight_only_linear": "dqcompile::weight_only_linear(Tensor x, Tensor qw, Tensor w_scale, Tensor? bias, "
     "int w_bits, int group_size) -> Tensor",
     "int_matmul": "dqcompile::int_matmul(Tensor a, Tensor b) -> Tensor",
@@ -229,7 +229,10 @@ def test_schemas_are_those_of_the_contract() -> None:
 
 
 def test_registration_survives_a_reload() -> None:
+    load_backend("aten")
+    table = dqcompile.backends.ops.OP_TABLE
     importlib.reload(dqcompile.backends.ops)
+    assert dqcompile.backends.ops.OP_TABLE is table and "aten" in table["int_linear"].kernels
     a, b = random_int8(2, 8, seed=0, device="cpu"), random_int8(3, 8, seed=1, device="cpu")
     assert torch.equal(ops.int_matmul(a, b).long(), int64_matmul(a, b))
 
@@ -301,9 +304,57 @@ def test_compile_traces_the_ops_without_graph_breaks() -> None:
         assert torch.equal(compiled(x), module(x))
 
 
-def test_reference_backend_is_always_available() -> None:
-    backend = get_backend("reference")
-    assert isinstance(backend, KernelSet)
-    assert backend.int_linear is reference.int_linear
-    with pytest.raises(ValueError, match=r"kernel backend 'nope' is not available; known backends: .*reference"):
-        get_backend("nope")
+def test_every_op_is_registered_from_its_table_entry() -> None:
+    for name, definition in OP_TABLE.items():
+        overload = getattr(ops, name).default
+        assert definition.overload is overload
+        assert str(overload._schema) == f"dqcompile::{name}{definition.schema}"
+    assert op_def("ln_modulate_quantize").fused and op_def("gelu_quantize").fused
+    assert not op_def("int_linear").fused
+    with pytest.raises(ValueError, match=r"dqcompile has no op 'nope'; ops: quantize_act, "):
+        op_def("nope")
+
+
+def test_bind_arguments_reads_positions_from_the_schema() -> None:
+    bound = bind_arguments("int_linear", ("qx", "s", None, "qw", "ws", None, 8, 0, torch.float32))
+    assert list(bound) == list(op_def("int_linear").argument_names)
+    assert bound["x_zero"] is None and bound["w_sum"] is None and bound["group_size"] == 0
+    assert bind_arguments("quantize_act", ("x",), {"bits": 8, "group_size": 0, "symmetric": True})["bits"] == 8
+    with pytest.raises(TypeError, match=r"dqcompile.quantize_act: missing argument 'symmetric'"):
+        bind_arguments("quantize_act", ("x", 8, 0))
+    with pytest.raises(TypeError, match=r"unexpected arguments \['bogus'\]"):
+        bind_arguments("int_matmul", ("a", "b"), {"bogus": 1})
+
+
+def test_register_kernel_makes_a_twin_with_the_schema_and_fake() -> None:
+    calls = []
+
+    def int_matmul_twin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append((a.shape, b.shape))
+        return reference.int_matmul(a, b)
+
+    entry = register_kernel("unittest", "int_matmul", int_matmul_twin)
+    assert entry.kind == "custom_op" and entry.target is ops.int_matmul_unittest.default
+    assert kernel("unittest", "int_matmul") is entry and kernel("unittest", "int_linear") is None
+    assert str(ops.int_matmul_unittest.default._schema) == "dqcompile::int_matmul_unittest(Tensor a, Tensor b) -> Tensor"
+    a, b = random_int8(3, 8, seed=0, device="cpu"), random_int8(5, 8, seed=1, device="cpu")
+    assert torch.equal(ops.int_matmul_unittest(a, b).long(), int64_matmul(a, b)) and len(calls) == 1
+    with FakeTensorMode():  # the table's fake, not the kernel, answers for shapes
+        assert ops.int_matmul_unittest(torch.empty(4, 8, dtype=torch.int8), torch.empty(6, 8, dtype=torch.int8)).shape == (4, 6)
+    assert len(calls) == 1
+    # Registering it again (a reloaded module) keeps the entry; another function for the same cell is refused.
+    assert register_kernel("unittest", "int_matmul", int_matmul_twin) is entry
+    with pytest.raises(ValueError, match=r"backend 'unittest' already registered a kernel for 'int_matmul'"):
+        register_kernel("unittest", "int_matmul", reference.int_matmul)
+    with pytest.raises(ValueError, match=r"the 'reference' column is the op itself"):
+        register_kernel("reference", "int_matmul", int_matmul_twin)
+    with pytest.raises(ValueError, match=r"backend names are lower-case identifiers, got 'Bad-Name'"):
+        register_kernel("Bad-Name", "int_matmul", int_matmul_twin)
+    decomposition = register_kernel("unittest", "quantize_act", reference.quantize_act, decomposition=True)
+    assert decomposition.target is reference.quantize_act and not hasattr(ops, "quantize_act_unittest")
+
+
+def test_backends_load_on_demand() -> None:
+    assert load_backend("aten") == "aten" and kernel("aten", "int_linear").kind == "decomposition"
+    with pytest.raises(ValueError, match=r"kernel backend 'nope' is not available; known backends: aten, reference"):
+        load_backend("nope")

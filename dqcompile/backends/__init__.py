@@ -1,64 +1,47 @@
-"""Kernel backends of the dqcompile ops, and the op registration.
+"""Kernel backends of the dqcompile ops.
 
-Importing this package registers ``torch.ops.dqcompile.*`` (``ops.py``), whose implementation is the
-reference backend. Alternative implementations of the same ops live in a ``KernelSet`` registered under a
-name: ``"reference"`` is always available; ``"triton"`` registers itself (``register_kernels``) when
-``dqcompile.backends.triton`` is imported, which ``get_backend("triton")`` does on first use.
+``ops.py`` holds the op table (`OP_TABLE`): every op declared once, with its schema, fake and reference
+implementation (``reference.py``), and a column of kernels per backend. Importing this package registers
+``torch.ops.dqcompile.*``. A backend is a module that fills its column with `register_kernel`; the
+modules in `BACKEND_MODULES` do so when imported, which `load_backend` does on first use:
+
+    "triton": dqcompile.backends.triton   (GPU kernels; CPU only under TRITON_INTERPRET=1)
+    "aten":   dqcompile.backends.aten     (decompositions into ATen ops that Inductor compiles and fuses)
 """
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from torch import Tensor
-
-from dqcompile.backends import ops as _ops  # noqa: F401  (import registers torch.ops.dqcompile.*)
 from dqcompile.backends import reference
+from dqcompile.backends.ops import (
+    OP_TABLE,
+    Kernel,
+    OpDef,
+    backends,
+    bind_arguments,
+    kernel,
+    op_def,
+    op_def_of,
+    positional_arguments,
+    register_kernel,
+)
+
+# Backends that fill their column when their module is imported.
+BACKEND_MODULES = {"triton": "dqcompile.backends.triton", "aten": "dqcompile.backends.aten"}
 
 
-@dataclass(frozen=True)
-class KernelSet:
-    """One implementation of every dqcompile op, each with the op's signature (see ``reference.py``)."""
+def load_backend(name: str) -> str:
+    """Make sure backend ``name``'s kernels are registered (importing its module); returns ``name``.
 
-    quantize_act: Callable[..., tuple[Tensor, Tensor, Tensor]]
-    ln_modulate_quantize: Callable[..., tuple[Tensor, Tensor, Tensor]]
-    quantize_act_static: Callable[..., Tensor]
-    int_linear: Callable[..., Tensor]
-    weight_only_linear: Callable[..., Tensor]
-    int_matmul: Callable[..., Tensor]
-
-
-KERNELS: dict[str, KernelSet] = {
-    "reference": KernelSet(
-        quantize_act=reference.quantize_act,
-        ln_modulate_quantize=reference.ln_modulate_quantize,
-        quantize_act_static=reference.quantize_act_static,
-        int_linear=reference.int_linear,
-        weight_only_linear=reference.weight_only_linear,
-        int_matmul=reference.int_matmul,
-    )
-}
-
-# Backends that register themselves when their module is imported.
-_BACKEND_MODULES = {"triton": "dqcompile.backends.triton"}
+    "reference" needs nothing. Raises ValueError for a name that is neither registered nor known.
+    """
+    if name == "reference" or name in backends():
+        return name
+    if name not in BACKEND_MODULES:
+        known = sorted({"reference", *BACKEND_MODULES, *backends()})
+        raise ValueError(f"kernel backend {name!r} is not available; known backends: {', '.join(known)}")
+    importlib.import_module(BACKEND_MODULES[name])
+    return name
 
 
-def register_kernels(name: str, kernels: KernelSet) -> None:
-    """Make ``kernels`` available as ``get_backend(name)``; "reference" cannot be replaced."""
-    if name == "reference":
-        raise ValueError("the 'reference' backend is the specification and cannot be replaced")
-    KERNELS[name] = kernels
-
-
-def get_backend(name: str) -> KernelSet:
-    """The kernels registered under ``name`` ("reference", or "triton" once importable)."""
-    if name not in KERNELS and name in _BACKEND_MODULES:
-        importlib.import_module(_BACKEND_MODULES[name])
-    if name not in KERNELS:
-        known = sorted(set(KERNELS) | set(_BACKEND_MODULES))
-        raise ValueError(f"kernel backend {name!r} is not available; known backends: {', '.join(known)} "
-                         f"(registered now: {', '.join(sorted(KERNELS))})")
-    return KERNELS[name]
-
-
-__all__ = ["KERNELS", "KernelSet", "get_backend", "register_kernels"]
+__all__ = ["BACKEND_MODULES", "OP_TABLE", "Kernel", "OpDef", "backends", "bind_arguments", "kernel", "load_backend",
+           "op_def", "op_def_of", "positional_arguments", "reference", "register_kernel"]

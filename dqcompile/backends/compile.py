@@ -7,30 +7,35 @@
 
 What it does with the FX graph dynamo captured (a QuantizedModel's forward: ATen ops plus the
 `torch.ops.dqcompile.*` custom ops, which dynamo keeps as single opaque nodes, so there is no graph break):
-1. fusion (`dqcompile.backends.fusion`): each `quantize_act` of a modulated LayerNorm becomes one
-   `ln_modulate_quantize` shared by the linears that read it (option "fuse", default True);
-2. kernel selection (`select_kernels`): with kernels "triton", the dqcompile ops that have a Triton kernel
-   are re-targeted to Triton twins of themselves (below); with "reference", the graph keeps the
-   reference ops, the specification;
-3. Inductor (`torch._inductor.compile_fx.compile_fx`) compiles the rest: the dqcompile ops stay extern
-   kernel calls, everything between them (residuals, attention, GELU, embeddings) is Inductor's.
+1. fusion (`dqcompile.backends.fusion`, option "fuse", default True): each `quantize_act` of a modulated
+   LayerNorm becomes one `ln_modulate_quantize` shared by the linears that read it, each `quantize_act`
+   of a GELU one `gelu_quantize`;
+2. kernel selection (`select_kernels`): every dqcompile node whose op has a kernel in the chosen
+   backend's column of the op table (`dqcompile.backends.ops`) is re-targeted to it: an op
+   `torch.ops.dqcompile.<op>_<backend>` with the same schema and fake (a custom op, or a `triton_op` whose
+   Triton launches Inductor inlines), or a decomposition into ATen ops that Inductor compiles and fuses
+   with its neighbours. Ops without a kernel there keep the reference. Independently of the backend,
+   `int_linear` gets x_zero None after a symmetric quantizer and the weight's code sums as w_sum where
+   the lowering did not pass them;
+3. Inductor (`torch._inductor.compile_fx.compile_fx`, with `mode`'s options, "reduce-overhead" included)
+   compiles the rest: opaque dqcompile ops stay extern kernel calls, everything between them (residuals,
+   attention, GELU, embeddings) and the decompositions are Inductor's.
 
 Options (`torch.compile(..., options={...})`, which dynamo passes to a registered backend as `options`):
     kernels: "auto" (default: "triton" when the quantized tensors are on CUDA and Triton is installed,
-             else "reference"), "reference" or "triton";
+             "aten" on CPU), "reference", or a backend name ("triton", "aten", or any module's that
+             registered kernels);
     fuse:    True (default) or False;
     any other key is an Inductor config option, as with backend="inductor" (e.g. "max_autotune");
     `mode=` ("max-autotune", "reduce-overhead", ...) is Inductor's mode, as with backend="inductor".
 
-Why Triton twins rather than Triton kernels registered for the CUDA dispatch key of the same ops: the
-choice is per compiled graph (an option of this backend), not a process-wide switch, and eager calls of
-`torch.ops.dqcompile.*` keep meaning the reference. Each twin, `torch.ops.dqcompile.<op>_triton`, is a
-custom op with the reference op's schema and fake implementation, so Inductor sees the same opaque node
-with the same output shapes. `int_linear_triton` differs in two arguments, both for speed: `x_zero` may
-be None (symmetric activations: the kernel skips the zero-point term) and `w_sum`, the per-group sums of
-the weight codes that the zero-point term needs; the backend computes them in the graph from the weight
-(`weight_group_sums`, which Inductor compiles into one small fused kernel per weight) instead of leaving
-the GEMM wrapper to recompute them eagerly on each call.
+Why twins rather than kernels registered for a dispatch key of the same ops: the choice is per compiled
+graph (an option of this backend), not a process-wide switch, and eager calls of `torch.ops.dqcompile.*`
+keep meaning the reference.
+
+Numerics: opaque kernels match the reference as the op table's contract says (docs/CONTRACTS.md);
+decompositions compiled by Inductor match it within the output dtype's rounding (Inductor may reorder or
+contract float operations, which can also move an activation code by one step).
 
 Dynamic shapes: dynamo specializes on the first batch size it sees and recompiles once, with a symbolic
 batch, at the second (timesteps and class labels are tensors and never cause a recompile). To compile
@@ -48,77 +53,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from dqcompile.backends import get_backend
-from dqcompile.backends.fusion import LN_MODULATE_QUANTIZE, QUANTIZE_ACT, fuse_ln_modulate_quantize, node_value
+from dqcompile.backends import load_backend, reference
+from dqcompile.backends.fusion import fuse_quantizers, node_value
+from dqcompile.backends.ops import NAMESPACE, bind_arguments, kernel, op_def_of, positional_arguments
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "dqcompile"
-KERNEL_CHOICES = ("auto", "reference", "triton")
-OPS = torch.ops.dqcompile
-INT_LINEAR = OPS.int_linear.default
-
-_TRITON_INT_LINEAR_SCHEMA = (
-    "(Tensor qx, Tensor x_scale, Tensor? x_zero, Tensor qw, Tensor w_scale, Tensor? bias, int w_bits, "
-    "int group_size, ScalarType out_dtype, Tensor? w_sum) -> Tensor"
-)
+SPECIAL_KERNEL_CHOICES = ("auto", "reference")
 
 
 @dataclass
 class RewriteSummary:
-    """What the backend did to one graph: the kernel set used and how many nodes each step rewrote."""
+    """What the backend did to one graph: the kernel backend used and how many nodes each step rewrote."""
 
     kernels: str
-    fused: int = 0
+    fused: dict[str, int] = field(default_factory=dict)
     retargeted: dict[str, int] = field(default_factory=dict)
+    w_sums: int = 0
+    symmetric_linears: int = 0
 
 
-# ------------------------------------------------------------------------------------------ Triton twins
-
-def _int_linear_triton_fake(
-    qx: Tensor, x_scale: Tensor, x_zero: Tensor | None, qw: Tensor, w_scale: Tensor, bias: Tensor | None,
-    w_bits: int, group_size: int, out_dtype: torch.dtype, w_sum: Tensor | None,
-) -> Tensor:
-    return qx.new_empty((*qx.shape[:-1], qw.shape[0]), dtype=out_dtype)
-
-
-def _triton_twins() -> dict[object, object]:
-    """reference OpOverload -> its Triton twin; the twins are defined on first use (import of Triton)."""
-    if not hasattr(OPS, "int_linear_triton"):
-        kernel_set = get_backend("triton")
-
-        def int_linear_triton(qx: Tensor, x_scale: Tensor, x_zero: Tensor | None, qw: Tensor, w_scale: Tensor,
-                              bias: Tensor | None, w_bits: int, group_size: int, out_dtype: torch.dtype,
-                              w_sum: Tensor | None) -> Tensor:
-            return kernel_set.int_linear(qx, x_scale, x_zero, qw, w_scale, bias, w_bits, group_size, out_dtype,
-                                         w_sum=w_sum)
-
-        twins = {
-            # name: (implementation, schema, fake); a fake that calls the reference op on fake tensors
-            # runs the reference op's fake implementation.
-            "quantize_act": (kernel_set.quantize_act, None, OPS.quantize_act.default),
-            "ln_modulate_quantize": (kernel_set.ln_modulate_quantize, None, OPS.ln_modulate_quantize.default),
-            "int_linear": (int_linear_triton, _TRITON_INT_LINEAR_SCHEMA, _int_linear_triton_fake),
-        }
-        for name, (impl, schema, fake) in twins.items():
-            schema = schema or str(getattr(OPS, name).default._schema).removeprefix(f"dqcompile::{name}")
-            op = torch.library.custom_op(f"dqcompile::{name}_triton", impl, mutates_args=(), schema=schema)
-            op.register_fake(fake)
-    return {
-        QUANTIZE_ACT: OPS.quantize_act_triton.default,
-        LN_MODULATE_QUANTIZE: OPS.ln_modulate_quantize_triton.default,
-        INT_LINEAR: OPS.int_linear_triton.default,
-    }
-
-
-# ------------------------------------------------------------------------------------------ kernel selection
+# ------------------------------------------------------------------------------------------ kernel choice
 
 def _dqcompile_nodes(gm: GraphModule) -> list[Node]:
     return [node for node in gm.graph.nodes
-            if node.op == "call_function" and getattr(node.target, "namespace", None) == "dqcompile"]
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == NAMESPACE]
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -127,12 +89,18 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def _check_kernels(kernels: str) -> None:
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"dqcompile backend: kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if kernels in SPECIAL_KERNEL_CHOICES:
+        return
+    try:
+        load_backend(kernels)
+    except ValueError as error:
+        raise ValueError(f"dqcompile backend: kernels={kernels!r} is not 'auto', 'reference' or an available "
+                         f"backend ({error})") from None
 
 
 def resolve_kernels(gm: GraphModule, kernels: str) -> str:
-    """The kernel set for `gm`: `kernels` itself, or for "auto" "triton" where it can run, else "reference".
+    """The kernel backend for `gm`: `kernels` itself, or for "auto" "triton" where it can run (CUDA tensors,
+    the `triton` package), else "aten" for CPU tensors, else "reference".
 
     Raises ValueError for an unknown choice, or for "triton" with tensors Triton cannot take.
     """
@@ -141,67 +109,102 @@ def resolve_kernels(gm: GraphModule, kernels: str) -> str:
 
     devices = {value.device for node in _dqcompile_nodes(gm) if (value := node_value(node.args[0])) is not None}
     if kernels == "auto":
-        usable = devices and triton_kernels.is_available() and all(d.type == "cuda" for d in devices)
-        return "triton" if usable else "reference"
+        if devices and triton_kernels.is_available() and all(d.type == "cuda" for d in devices):
+            kernels = "triton"
+        elif devices and all(d.type == "cpu" for d in devices):
+            kernels = "aten"
+        else:
+            kernels = "reference"
+        return load_backend(kernels)
     if kernels == "triton":
         if not triton_kernels.is_available():
             raise ValueError("dqcompile backend: kernels='triton' needs the `triton` package; use 'reference'")
         for device in devices:
             if not _triton_runs_on(device):
                 raise ValueError(f"dqcompile backend: kernels='triton' needs CUDA tensors, the quantized model is on "
-                                 f"{device} (CPU runs Triton only under TRITON_INTERPRET=1); use 'reference'")
+                                 f"{device} (CPU runs Triton only under TRITON_INTERPRET=1); use 'reference' or 'aten'")
     return kernels
 
 
-def _is_symmetric_codes(qx: Node, quantizers: set[object]) -> bool:
-    """Whether `qx` are the codes of one of `quantizers` (ops whose last argument is `symmetric`) called
-    with symmetric=True: then every zero point is 0."""
-    if qx.op != "call_function" or qx.target != operator.getitem:
-        return False
-    producer = qx.args[0]
-    return isinstance(producer, Node) and producer.target in quantizers and producer.args[-1] is True
+# ------------------------------------------------------------------------------------------ int_linear inputs
 
+def _has_zero_points(x_zero: object) -> bool:
+    """False when `x_zero` is None or the zero points of a quantizer called with symmetric=True (all 0)."""
+    if x_zero is None:
+        return False
+    if not isinstance(x_zero, Node) or x_zero.op != "call_function" or x_zero.target != operator.getitem:
+        return True
+    producer, index = x_zero.args
+    definition = op_def_of(getattr(producer, "target", None))
+    if definition is None or "symmetric" not in definition.argument_names:
+        return True
+    returns = [r.name for r in definition.parsed_schema.returns]
+    if returns[index] != "zero":
+        return True
+    return bind_arguments(definition.name, producer.args, producer.kwargs)["symmetric"] is not True
+
+
+def prepare_int_linears(gm: GraphModule) -> tuple[int, int]:
+    """Needs: a graph with `int_linear` nodes (after the fusion, if any).
+
+    Guarantees: an `int_linear` whose x_zero are the zero points of a symmetric quantizer gets x_zero None
+    (no zero-point term: bit-identical, the term is 0); one that keeps x_zero and has no w_sum gets a
+    `weight_group_sums` node of its weight (one per weight, computed in the graph) as w_sum. Returns
+    (linears made symmetric, w_sum nodes inserted).
+    """
+    graph = gm.graph
+    symmetric = inserted = 0
+    weight_sums: dict[Node, Node] = {}
+    for node in list(graph.nodes):
+        definition = op_def_of(node.target) if node.op == "call_function" else None
+        if definition is None or definition.name != "int_linear":
+            continue
+        args = bind_arguments("int_linear", node.args, node.kwargs)
+        if args["x_zero"] is not None and not _has_zero_points(args["x_zero"]):
+            args["x_zero"] = None
+            symmetric += 1
+        if args["x_zero"] is not None and args["w_sum"] is None:
+            qw = args["qw"]
+            if qw not in weight_sums:  # nodes come in graph order: this is the weight's first linear
+                with graph.inserting_before(node):
+                    # A plain function node: AOTAutograd traces it into ATen ops that Inductor compiles.
+                    weight_sums[qw] = graph.call_function(reference.weight_group_sums,
+                                                           (qw, args["w_bits"], args["group_size"]))
+                inserted += 1
+            args["w_sum"] = weight_sums[qw]
+        node.args, node.kwargs = positional_arguments("int_linear", args), {}
+    graph.lint()
+    gm.recompile()
+    return symmetric, inserted
+
+
+# ------------------------------------------------------------------------------------------ kernel selection
 
 def select_kernels(gm: GraphModule, kernels: str) -> dict[str, int]:
-    """Needs: a graph with dqcompile ops (after the fusion, if any) and `kernels` resolved ("reference"
-    or "triton", see `resolve_kernels`).
+    """Needs: a graph with dqcompile ops and `kernels` resolved (see `resolve_kernels`).
 
-    Guarantees: with "triton", every `quantize_act`, `ln_modulate_quantize` and `int_linear` node is
-    re-targeted to its Triton twin (`int_linear` with a group size the Triton GEMM cannot tile, not a
-    multiple of 16, stays on the reference); `int_linear_triton` gets x_zero None after a symmetric
-    quantizer, and otherwise a `weight_group_sums` node of its weight (one per weight) as `w_sum`.
-    Other ops keep their reference implementation. Returns how many nodes of each op were re-targeted.
+    Guarantees: every node of a dqcompile op whose `kernels` column holds a kernel that accepts the call
+    (`Kernel.accepts`, read from the node's arguments by name) now calls that kernel's target, with the
+    same arguments in schema order; the others keep the reference op. Returns how many nodes of each op
+    were re-targeted.
     """
     if kernels == "reference":
         return {}
-    twins = _triton_twins()
-    from dqcompile.backends.triton import weight_group_sums
-
-    dynamic_quantizers = {QUANTIZE_ACT, LN_MODULATE_QUANTIZE, twins[QUANTIZE_ACT], twins[LN_MODULATE_QUANTIZE]}
     counts: dict[str, int] = {}
-    weight_sums: dict[Node, Node] = {}
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in twins:
+        definition = op_def_of(node.target) if node.op == "call_function" else None
+        if definition is None or node.target != definition.overload:
             continue
-        args = list(node.args)
-        if node.target == INT_LINEAR:
-            qx, _, _, qw, _, _, w_bits, group_size, _ = args
-            if group_size % 16:
-                continue
-            w_sum = None
-            if _is_symmetric_codes(qx, dynamic_quantizers):
-                args[2] = None
-            else:
-                if qw not in weight_sums:  # nodes come in graph order: this is the weight's first linear
-                    with graph.inserting_before(node):
-                        # A plain function node: AOTAutograd traces it into ATen ops that Inductor compiles.
-                        weight_sums[qw] = graph.call_function(weight_group_sums, (qw, w_bits, group_size))
-                w_sum = weight_sums[qw]
-            args.append(w_sum)
-        name = node.target.name()
-        node.target = twins[node.target]
-        node.args = tuple(args)
+        chosen = kernel(kernels, definition.name)
+        if chosen is None:
+            continue
+        args = bind_arguments(definition.name, node.args, node.kwargs)
+        if not chosen.takes(args):
+            continue
+        node.target = chosen.target
+        node.args, node.kwargs = positional_arguments(definition.name, args), {}
+        name = f"{NAMESPACE}::{definition.name}"
         counts[name] = counts.get(name, 0) + 1
     graph.lint()
     gm.recompile()
@@ -211,13 +214,15 @@ def select_kernels(gm: GraphModule, kernels: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ the backend
 
 def rewrite_graph(gm: GraphModule, *, kernels: str = "auto", fuse: bool = True) -> RewriteSummary:
-    """The backend's own passes on a dynamo graph, in place: fusion, then kernel selection."""
+    """The backend's own passes on a dynamo graph, in place: fusion, int_linear inputs, kernel selection."""
     summary = RewriteSummary(kernels=resolve_kernels(gm, kernels))
     if fuse:
-        summary.fused = fuse_ln_modulate_quantize(gm)
+        summary.fused = fuse_quantizers(gm)
+    summary.symmetric_linears, summary.w_sums = prepare_int_linears(gm)
     summary.retargeted = select_kernels(gm, summary.kernels)
-    log.info("dqcompile backend: kernels=%s, %d fused LayerNorm+modulate+quantize, re-targeted %s",
-             summary.kernels, summary.fused, summary.retargeted or "nothing")
+    log.info("dqcompile backend: kernels=%s, fused %s, %d symmetric linears, %d weight sums, re-targeted %s",
+             summary.kernels, summary.fused or "nothing", summary.symmetric_linears, summary.w_sums,
+             summary.retargeted or "nothing")
     return summary
 
 
@@ -225,7 +230,7 @@ def make_backend(kernels: str = "auto", *, fuse: bool = True, mode: str | None =
                  inductor_options: dict[str, Any] | None = None) -> Callable[[GraphModule, list], Callable]:
     """A torch.compile backend (a callable) with these options; `backend="dqcompile"` builds the same one.
 
-    kernels: "auto", "reference" or "triton" (see the module docstring); fuse: apply the fusion;
+    kernels: "auto", "reference" or a backend name (see the module docstring); fuse: apply the fusion;
     mode / inductor_options: Inductor's mode and config options, as torch.compile takes them for Inductor.
     """
     _check_kernels(kernels)
@@ -259,5 +264,5 @@ def register_backend() -> None:
         dynamo_register_backend(_registered_backend, name=BACKEND_NAME)
 
 
-__all__ = ["BACKEND_NAME", "KERNEL_CHOICES", "RewriteSummary", "make_backend", "register_backend",
+__all__ = ["BACKEND_NAME", "RewriteSummary", "make_backend", "prepare_int_linears", "register_backend",
            "resolve_kernels", "rewrite_graph", "select_kernels"]

@@ -1,19 +1,24 @@
-"""Compile-time fusion: LayerNorm + adaLN modulation + dynamic quantization -> one `ln_modulate_quantize`.
+"""Compile-time fusion of dynamic activation quantization into the op that produces its input.
 
-A quantized adaLN block computes, for the linears fed by a modulated LayerNorm (q, k, v; the MLP's fc1):
+Two patterns, matched on the ATen graph the compile backend receives from dynamo (a QuantizedModel's
+forward runs an ATen graph):
 
-    h = layer_norm(x) * (1 + scale) + shift          # float, written to memory
+    h = layer_norm(x) * (1 + scale) + shift          # the adaLN input of q, k, v and fc1
     q_i, s_i, z_i = quantize_act(h, bits, g, sym)    # one per consuming linear, reads h again
+  -> ln_modulate_quantize(x, ln_weight, ln_bias, eps, scale, shift, bits, g, sym)
 
-`fuse_ln_modulate_quantize` replaces every `quantize_act` of such an `h` by one call of
-`torch.ops.dqcompile.ln_modulate_quantize(x, ln_weight, ln_bias, eps, scale, shift, bits, g, sym)`,
-shared by all consumers that quantize `h` with the same parameters (q, k and v then read one set of
-codes instead of quantizing the same tensor three times). The float `h` is no longer computed unless
-something else (a float linear) still reads it.
+    h = gelu(x, approximate)                          # the fc2 input
+    q, s, z = quantize_act(h, bits, g, sym)
+  -> gelu_quantize(x, approximate, bits, g, sym)
 
-The graph is the one the compile backend receives from dynamo: a QuantizedModel's forward runs an ATen
-graph, so the pattern is matched on ATen ops (`aten.layer_norm`, `aten.mul.Tensor`, `aten.add.Tensor`),
-with either operand order for the commutative ones and `1 + scale` written either way round.
+Each fused node is shared by all consumers that quantize `h` with the same parameters (q, k and v then
+read one set of codes instead of quantizing the same tensor three times). The float `h` is no longer
+computed unless something else (a float linear) still reads it. `aten.mul` / `aten.add` are matched with
+either operand order, `1 + scale` either way round.
+
+The fused ops are ops of the table (`dqcompile.backends.ops`); each backend then picks per op how to run
+them (its kernel column): a fused kernel (Triton), or a decomposition into ATen ops that Inductor fuses
+into one loop with the producer (CPU), or the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-import dqcompile.backends.ops  # noqa: F401  (registers torch.ops.dqcompile)
+from dqcompile.backends.ops import bind_arguments
 
 OPS = torch.ops.dqcompile
 ATEN = torch.ops.aten
@@ -33,6 +38,8 @@ MUL = ATEN.mul.Tensor
 ADD = ATEN.add.Tensor
 QUANTIZE_ACT = OPS.quantize_act.default
 LN_MODULATE_QUANTIZE = OPS.ln_modulate_quantize.default
+GELU = ATEN.gelu.default
+GELU_QUANTIZE = OPS.gelu_quantize.default
 
 
 @dataclass(frozen=True)
@@ -131,16 +138,12 @@ def fuse_ln_modulate_quantize(gm: GraphModule) -> int:
     graph = gm.graph
     fused = 0
     for h in list(graph.nodes):
-        quantizers = [user for user in h.users
-                      if user.target == QUANTIZE_ACT and user.args[0] is h and len(user.args) == 4 and not user.kwargs]
-        if not quantizers:
+        by_params = _dynamic_quantizers_of(h)
+        if not by_params:
             continue
         pattern = match_modulated_layer_norm(h)
         if pattern is None:
             continue
-        by_params: dict[tuple, list[Node]] = {}
-        for quantizer in quantizers:
-            by_params.setdefault(tuple(quantizer.args[1:]), []).append(quantizer)
         for (bits, group_size, symmetric), group in by_params.items():
             # Every argument of the fused node precedes h, and every quantizer follows it.
             with graph.inserting_after(h):
@@ -161,3 +164,79 @@ def fuse_ln_modulate_quantize(gm: GraphModule) -> int:
     gm.recompile()
     return fused
 
+
+def _dynamic_quantizers_of(h: Node) -> dict[tuple, list[Node]]:
+    """The `quantize_act` nodes reading `h` as their input, grouped by (bits, group_size, symmetric)."""
+    groups: dict[tuple, list[Node]] = {}
+    for user in h.users:
+        if user.op != "call_function" or user.target != QUANTIZE_ACT:
+            continue
+        args = bind_arguments("quantize_act", user.args, user.kwargs)
+        if args["x"] is h:
+            groups.setdefault((args["bits"], args["group_size"], args["symmetric"]), []).append(user)
+    return groups
+
+
+def _gelu_operands(node: Node) -> tuple[Node, str] | None:
+    """(x, approximate) of `aten.gelu(x, approximate=...)`."""
+    if node.op != "call_function" or node.target != GELU:
+        return None
+    x = node.args[0]
+    approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
+    if not isinstance(x, Node) or not isinstance(approximate, str):
+        return None
+    return x, approximate
+
+
+def _identity_input(node: Node) -> Node | None:
+    """`x` when `node` returns its input unchanged: dropout in eval mode, clone, alias, detach."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+        return None
+    if node.target in (ATEN.clone.default, ATEN.alias.default, ATEN.detach.default):
+        return node.args[0]
+    if node.target == ATEN.dropout.default:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+        return node.args[0] if train is False else None
+    return None
+
+
+def fuse_gelu_quantize(gm: GraphModule) -> int:
+    """Needs: an FX graph of ATen ops holding `dqcompile.quantize_act` calls.
+
+    Guarantees: every `quantize_act(gelu(x, approximate), bits, g, sym)`, with or without an eval-mode
+    dropout (or clone) between the two, is replaced by one `gelu_quantize(x, approximate, bits, g, sym)`
+    per distinct (input, bits, g, sym); the GELU and dropout nodes are erased when nothing else reads them. The reference `gelu_quantize` is the same composition, so the
+    rewritten graph computes bit-identical outputs. Returns the number of fused nodes inserted; the graph
+    lints and is recompiled.
+    """
+    graph = gm.graph
+    fused = 0
+    for h in list(graph.nodes):
+        # h is the quantizers' input: the GELU itself, or an identity of it (eval-mode dropout).
+        chain = [h]
+        while (inner := _identity_input(chain[-1])) is not None:
+            chain.append(inner)
+        operands = _gelu_operands(chain[-1])
+        if operands is None:
+            continue
+        x, approximate = operands
+        for (bits, group_size, symmetric), group in _dynamic_quantizers_of(h).items():
+            with graph.inserting_after(h):
+                fused_node = graph.call_function(GELU_QUANTIZE, (x, approximate, bits, group_size, symmetric))
+            fused_node.meta.update({key: group[0].meta[key] for key in ("example_value", "val") if key in group[0].meta})
+            for quantizer in group:
+                quantizer.replace_all_uses_with(fused_node)
+                graph.erase_node(quantizer)
+            fused += 1
+        for node in chain:
+            if not node.users:
+                graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return fused
+
+
+def fuse_quantizers(gm: GraphModule) -> dict[str, int]:
+    """Both fusions of this module, in place; returns how many nodes of each fused op were inserted."""
+    counts = {"ln_modulate_quantize": fuse_ln_modulate_quantize(gm), "gelu_quantize": fuse_gelu_quantize(gm)}
+    return {name: count for name, count in counts.items() if count}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dqcompile.quant.mrq import mrq_quantize
+from dqcompile.quant.packing import unpack_int4
 from dqcompile.quant.uniform import QParams, compute_qparams, num_groups, quantize
 from dqcompile.quant.weights import QuantizedWeight
 
@@ -103,6 +104,27 @@ def ln_modulate_quantize(
     return quantize_act(modulated, bits, group_size, symmetric)
 
 
+def gelu_quantize(x: Tensor, approximate: str, bits: int, group_size: int,
+                  symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_act(gelu(x, approximate), bits, group_size, symmetric)``: the fc2 input of a DiT MLP.
+
+    The GELU runs in ``x``'s dtype, exactly as the unfused graph computes it (ATen computes it in float32
+    and rounds to ``x``'s dtype), so the fused op is bit-identical to the composition it replaces.
+    """
+    return quantize_act(torch.nn.functional.gelu(x, approximate=approximate), bits, group_size, symmetric)
+
+
+def weight_group_sums(qw: Tensor, w_bits: int, group_size: int) -> Tensor:
+    """``wsum[n, g] = sum_{k in group g} qw[n, k]`` as int32 ``[N, G]``: what int_linear's zero-point term needs.
+
+    ``qw`` int8 ``[N, K]`` or packed uint8 ``[N, K/2]`` (``w_bits`` 4). It depends on the weight alone, so
+    callers compute it once and pass it to ``int_linear`` as ``w_sum``.
+    """
+    codes = unpack_int4(qw) if w_bits == 4 else qw
+    n, k = codes.shape
+    return codes.reshape(n, num_groups(k, group_size), -1).sum(dim=-1, dtype=torch.int32)
+
+
 def quantize_act_static(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """Static quantization with calibrated ``scale`` (float32) and ``zero`` (int32), broadcast against ``[..., 1]``.
 
@@ -165,13 +187,14 @@ def _int_matmul_float64(a: Tensor, b: Tensor) -> Tensor:
 def int_linear(
     qx: Tensor,
     x_scale: Tensor,
-    x_zero: Tensor,
+    x_zero: Tensor | None,
     qw: Tensor,
     w_scale: Tensor,
     bias: Tensor | None,
     w_bits: int,
     group_size: int,
     out_dtype: torch.dtype,
+    w_sum: Tensor | None = None,
 ) -> Tensor:
     """Integer linear layer, ``[..., K]`` x ``[N, K]`` -> ``[..., N]``.
 
@@ -185,36 +208,44 @@ def int_linear(
 
     Args:
         qx: int8 ``[..., K]`` activation codes.
-        x_scale, x_zero: float32 / int32, broadcast against ``[..., G]``.
+        x_scale, x_zero: float32 / int32, broadcast against ``[..., G]``; x_zero None for symmetric
+            activations: no zero-point term, the same result as a zero of 0.
         qw: int8 ``[N, K]`` codes, or packed uint8 ``[N, K/2]`` when ``w_bits == 4``.
         w_scale: float32 ``[N, G]``.
         bias: ``[N]`` or None.
         out_dtype: dtype of the result.
+        w_sum: int32 ``[N, G]``, ``weight_group_sums(qw, w_bits, group_size)`` computed once by the caller
+            (the lowering stores it beside the weight), or None to compute it here when x_zero is given.
     """
     codes_w = QuantizedWeight(qweight=qw, scale=w_scale, bits=w_bits, group_size=group_size).codes()
     k = qx.shape[-1]
     if qx.dtype != torch.int8 or codes_w.shape[1] != k:
         raise ValueError(f"int_linear needs int8 qx [..., K] matching weights [N, K], got {qx.dtype} "
                          f"{tuple(qx.shape)} and {tuple(codes_w.shape)}")
-    if x_scale.dtype != torch.float32 or x_zero.dtype != torch.int32:
-        raise ValueError(f"int_linear needs a float32 x_scale and an int32 x_zero, got {x_scale.dtype} and "
-                         f"{x_zero.dtype}")
+    if x_scale.dtype != torch.float32 or (x_zero is not None and x_zero.dtype != torch.int32):
+        raise ValueError(f"int_linear needs a float32 x_scale and an int32 x_zero (or None), got {x_scale.dtype} "
+                         f"and {None if x_zero is None else x_zero.dtype}")
     groups = num_groups(k, group_size)
     size = k // groups
     if size > MAX_INT_LINEAR_GROUP:
         raise ValueError(f"int_linear: a group of {size} input channels may overflow the int32 accumulator "
                          f"(at most {MAX_INT_LINEAR_GROUP}; use group_size)")
+    n = codes_w.shape[0]
+    if w_sum is not None and (w_sum.dtype != torch.int32 or tuple(w_sum.shape) != (n, groups)):
+        raise ValueError(f"int_linear needs w_sum int32 [N, G] = {[n, groups]}, got {w_sum.dtype} "
+                         f"{list(w_sum.shape)}")
     leading = qx.shape[:-1]
     rows = qx.reshape(-1, k)
     row_scale = x_scale.broadcast_to(*leading, groups).reshape(-1, groups)
-    row_zero = x_zero.broadcast_to(*leading, groups).reshape(-1, groups)
+    row_zero = None if x_zero is None else x_zero.broadcast_to(*leading, groups).reshape(-1, groups)
 
-    y = torch.zeros(rows.shape[0], codes_w.shape[0], dtype=torch.float32, device=qx.device)
+    y = torch.zeros(rows.shape[0], n, dtype=torch.float32, device=qx.device)
     for j in range(groups):
         cols = slice(j * size, (j + 1) * size)
-        acc = int_matmul(rows[:, cols], codes_w[:, cols])
-        wsum = codes_w[:, cols].sum(dim=1, dtype=torch.int32)
-        centered = acc - row_zero[:, j, None] * wsum
+        centered = int_matmul(rows[:, cols], codes_w[:, cols])
+        if row_zero is not None:
+            wsum = codes_w[:, cols].sum(dim=1, dtype=torch.int32) if w_sum is None else w_sum[:, j]
+            centered = centered - row_zero[:, j, None] * wsum
         y += (row_scale[:, j, None] * w_scale[:, j]) * centered.float()
     if bias is not None:
         y += bias.float()

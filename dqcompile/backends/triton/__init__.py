@@ -1,6 +1,6 @@
 """Triton kernels for the dqcompile ops: integer GEMMs (gemm.py) and fused activation quantization (quantize.py).
 
-Importing this package registers the kernel set "triton" with `dqcompile.backends.register_kernels`:
+Importing this package fills the "triton" column of the op table with `dqcompile.backends.register_kernel`:
 int_linear, int_matmul, quantize_act and ln_modulate_quantize (LayerNorm + adaLN modulation + dynamic
 quantization in one kernel) run on Triton; quantize_act_static and weight_only_linear have no Triton
 kernel yet and use the reference implementations.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dqcompile.backends import KernelSet, reference, register_kernels
+from dqcompile.backends import register_kernel
 
 _KERNEL_NAMES = {
     "GemmConfig": "gemm",
@@ -79,14 +79,18 @@ def _kernel(name: str) -> Callable[..., Any]:
     return call
 
 
-register_kernels(
-    "triton",
-    KernelSet(
-        quantize_act=_kernel("quantize_act"),
-        ln_modulate_quantize=_kernel("ln_modulate_quantize"),
-        quantize_act_static=reference.quantize_act_static,
-        int_linear=_kernel("triton_int_linear"),
-        weight_only_linear=reference.weight_only_linear,
-        int_matmul=_kernel("triton_int_matmul"),
-    ),
-)
+def _int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, qw: torch.Tensor,
+                w_scale: torch.Tensor, bias: torch.Tensor | None, w_bits: int, group_size: int,
+                out_dtype: torch.dtype, w_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """int_linear's schema order (w_sum positional) onto triton_int_linear (w_sum keyword)."""
+    return __getattr__("triton_int_linear")(qx, x_scale, x_zero, qw, w_scale, bias, w_bits, group_size, out_dtype,
+                                            w_sum=w_sum)
+
+
+# The "triton" column of the op table (dqcompile/backends/ops.py). These launchers are not traceable yet
+# (they launch kernels directly), so they register as opaque custom ops (triton_op=False); the other ops
+# keep the reference. The GEMM tiles groups in multiples of 16: other group sizes stay on the reference.
+register_kernel("triton", "quantize_act", _kernel("quantize_act"))
+register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize"))
+register_kernel("triton", "int_linear", _int_linear, accepts=lambda args: args["group_size"] % 16 == 0)
+register_kernel("triton", "int_matmul", _kernel("triton_int_matmul"))
