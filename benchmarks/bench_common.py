@@ -1,4 +1,4 @@
-"""What every benchmark records beside its figures: device, versions, date, commit."""
+"""What every benchmark records beside its figures (device, versions, date, commit), and the one timer."""
 
 from __future__ import annotations
 
@@ -60,17 +60,3 @@ def timed_with_peak(function: Callable[..., Result], *args: Any, **kwargs: Any) 
         torch.cuda.reset_peak_memory_stats()
     result, seconds = timed(function, *args, **kwargs)
     return result, seconds, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-
-
-def score_images(images: torch.Tensor, reference: torch.Tensor, fp_uint8: torch.Tensor | None,
-                 device: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Model-space images as uint8, and their scores: {"metrics": generative_metrics against `reference`}
-    plus "psnr_db_vs_fp" against the float model's images `fp_uint8` when given."""
-    # Imported here: the GEMM and DiT speed benchmarks use this module too and need no metrics stack.
-    from dqcompile.fmnist import fidelity_to_reference, from_model_space, generative_metrics
-
-    uint8 = from_model_space(images.cpu())
-    scores: dict[str, Any] = {"metrics": generative_metrics(uint8, reference, device=device)}
-    if fp_uint8 is not None:
-        scores["psnr_db_vs_fp"] = fidelity_to_reference(uint8, fp_uint8)["psnr_db"]
-    return uint8, scores
