@@ -11,10 +11,13 @@ from dqcompile.backends.compile import register_backend
 from dqcompile.calib.trajectories import CalibrationSet, calibration_set
 from dqcompile.capture import Captured, capture
 from dqcompile.model import QuantizedModel
-from dqcompile.passes.find_adaln_pairs import AdaLNPair, AttentionPair, find_adaln_pairs
+from dqcompile.methods import Method, register_method, register_preset
+from dqcompile.methods.ptq4dit import AdaLNPair, AttentionPair, PTQ4DiTOptions, find_adaln_pairs
+from dqcompile.methods.qdit import GroupPlan, search_group_sizes
+from dqcompile.methods.tqdit import TQDiTOptions
+from dqcompile.plan import ModelPlan
 from dqcompile.report import QuantReport
-from dqcompile.search import GroupPlan, search_group_sizes
-from dqcompile.spec import ActivationSpec, QDiTOptions, QuantSpec, TQDiTOptions, WeightSpec, presets
+from dqcompile.spec import ActivationSpec, GPTQOptions, QuantSpec, WeightSpec, presets
 
 register_backend()  # torch.compile(model, backend="dqcompile")
 
@@ -24,8 +27,11 @@ __all__ = [
     "AttentionPair",
     "CalibrationSet",
     "Captured",
+    "GPTQOptions",
     "GroupPlan",
-    "QDiTOptions",
+    "Method",
+    "ModelPlan",
+    "PTQ4DiTOptions",
     "QuantReport",
     "QuantSpec",
     "QuantizedModel",
@@ -37,6 +43,8 @@ __all__ = [
     "load",
     "presets",
     "quantize",
+    "register_method",
+    "register_preset",
     "save",
     "search_group_sizes",
 ]

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from dqcompile.capture import ExampleInputs, capture
 from dqcompile.example_inputs import default_example_inputs
 from dqcompile.model import QuantizedModel
-from dqcompile.passes.context import PassContext
-from dqcompile.passes.pipeline import run_pipeline
+from dqcompile.passes.lower import DERIVED_META, lower
+from dqcompile.passes.pipeline import decide
+from dqcompile.plan import ModelPlan
 from dqcompile.report import QuantReport
 from dqcompile.spec import QuantSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TENSORS_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
 
 
 def _calibration_samples(calibration: Iterable[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -31,15 +40,17 @@ def _calibration_samples(calibration: Iterable[Mapping[str, Any]] | None) -> lis
     return samples
 
 
-def _weight_bytes(gm: torch.fx.GraphModule, ctx: PassContext, float_bytes: dict[str, int]) -> dict[str, tuple[int, int]]:
+def _weight_bytes(plan: ModelPlan, float_bytes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Layer name -> (bytes of its float weight, bytes now): codes plus float32 scales when quantized."""
     result = {}
-    for plan in ctx.layers.values():
-        owner = gm.get_submodule(plan.name)
-        if plan.quantized:
-            now = owner.qweight.numel() * owner.qweight.element_size() + owner.weight_scale.numel() * 4
+    for layer in plan.layers.values():
+        before = float_bytes[layer.weight_name]
+        if layer.quantized:
+            weight = layer.weight
+            now = weight.qweight.numel() * weight.qweight.element_size() + weight.scale.numel() * 4
         else:
-            now = float_bytes[plan.name]
-        result[plan.name] = (float_bytes[plan.name], now)
+            now = before
+        result[layer.name] = (before, now)
     return result
 
 
@@ -55,7 +66,8 @@ def quantize(
     """Quantize `model` with `spec` (a QuantSpec or a preset name) and return a drop-in replacement.
 
     calibration: keyword inputs of model.forward, one dict per sample batch (see
-        dqcompile.calibration_set); needed by static activation quantization and the calibrated methods.
+        dqcompile.calibration_set); needed by static activation quantization, GPTQ and the
+        calibrated methods (`spec.needs_calibration`).
     example_inputs: inputs to capture the graph with (batch of at least 2); by default the first
         calibration sample, else inputs built from the config of a known diffusers transformer.
     verbose: print the report (it is also on the result as `.report`).
@@ -65,64 +77,153 @@ def quantize(
     returned and `model` is as it was. Raises ValueError naming the field or layer for a spec the
     model cannot take, a model with no linear layer, or non-finite calibration data.
     """
-    qmodel = _build(model, QuantSpec.resolve(spec), _calibration_samples(calibration), example_inputs, progress)
+    spec = QuantSpec.resolve(spec)
+    samples = _calibration_samples(calibration)
+    if example_inputs is None:
+        example_inputs = samples[0] if samples else default_example_inputs(model)
+    captured = capture(model, example_inputs, copy_parameters=True)
+    gm = captured.graph_module
+    float_bytes = {name: p.numel() * p.element_size() for name, p in gm.named_parameters()}
+    plan = decide(gm, captured.binding, spec, samples, progress=progress)
+    if not plan.layers:
+        raise ValueError(f"{type(model).__name__} has no linear layer to quantize")
+    lower(gm, plan)
+    report = QuantReport.from_plan(spec.name, plan, _weight_bytes(plan, float_bytes))
+    qmodel = QuantizedModel(
+        gm,
+        captured.binding,
+        spec=spec,
+        plan=plan,
+        report=report,
+        config=getattr(model, "config", None),
+        dtype=next(model.parameters()).dtype,
+        source_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        example_inputs=_input_record(captured.example_kwargs),
+    )
     if verbose:
         print(qmodel.report)
     return qmodel
 
 
-def _build(
-    model: nn.Module,
-    spec: QuantSpec,
-    samples: list[dict[str, Any]] | None,
-    example_inputs: ExampleInputs | None,
-    progress: bool,
-    restoring: bool = False,
-) -> QuantizedModel:
-    if example_inputs is None:
-        example_inputs = samples[0] if samples else default_example_inputs(model)
-    captured = capture(model, example_inputs, copy_parameters=True)
-    gm = captured.graph_module
-    ctx = PassContext(spec=spec, calibration=samples, progress=progress, restoring=restoring)
-    float_bytes = {
-        name.removesuffix(".weight"): p.numel() * p.element_size() for name, p in gm.named_parameters()
-    }
-    run_pipeline(gm, captured.binding, ctx)
-    if not ctx.layers:
-        raise ValueError(f"{type(model).__name__} has no linear layer to quantize")
-    report = QuantReport.from_plans(spec.name, list(ctx.layers.values()), _weight_bytes(gm, ctx, float_bytes))
-    return QuantizedModel(
-        gm,
-        captured.binding,
-        spec=spec,
-        report=report,
-        config=getattr(model, "config", None),
-        dtype=next(model.parameters()).dtype,
-        source_class=f"{type(model).__module__}.{type(model).__qualname__}",
-    )
+# ------------------------------------------------------------------------------------------ example inputs
+
+def _input_record(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How to rebuild example inputs of the captured call at load: each argument's pytree structure,
+    its tensors' shapes and dtypes, and its other values (when JSON can hold them; None otherwise)."""
+    record = {}
+    for name, value in values.items():
+        leaves, spec = pytree.tree_flatten(value)
+        described = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                described.append({"tensor": list(leaf.shape), "dtype": str(leaf.dtype).removeprefix("torch.")})
+            else:
+                try:
+                    json.dumps(leaf)
+                except TypeError:
+                    return None
+                described.append({"value": leaf})
+        try:
+            record[name] = {"spec": pytree.treespec_dumps(spec), "leaves": described}
+        except Exception:  # a container pytree cannot serialise: load then needs example_inputs=
+            return None
+    return record
+
+
+def _example_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Example inputs with the recorded structure: zero tensors of the recorded shapes and dtypes."""
+    values = {}
+    for name, entry in record.items():
+        leaves = [
+            torch.zeros(leaf["tensor"], dtype=getattr(torch, leaf["dtype"])) if "tensor" in leaf else leaf["value"]
+            for leaf in entry["leaves"]
+        ]
+        values[name] = pytree.tree_unflatten(leaves, pytree.treespec_loads(entry["spec"]))
+    return values
+
+
+# ------------------------------------------------------------------------------------------ save
+
+def _model_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
+    """Every tensor the lowered graph module holds (parameters, persistent and non-persistent buffers),
+    less the ones the lowering derives from the plan."""
+    gm = qmodel.graph_module
+    derived = set(gm.meta.get(DERIVED_META, ()))
+    tensors = {name: t for name, t in gm.named_parameters()}
+    tensors.update({name: t for name, t in gm.named_buffers() if name not in derived})
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plan_digest(plan: Mapping[str, Any]) -> str:
+    """sha256 of plan.json's content (without the digest itself), which holds the tensor file's sha256."""
+    content = {key: value for key, value in plan.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
 def save(qmodel: QuantizedModel, path: str | Path) -> Path:
     """Write `path/` with model.safetensors (integer weights, scales, float parts) and plan.json.
 
-    plan.json records the spec, the report and the source model's class and config, so that `load`
-    can rebuild the graph; nothing is pickled.
+    plan.json records the spec, every layer's plan, the report, the source model's class and config,
+    how to rebuild example inputs, each tensor's dtype and shape, the tensor file's sha256 and a
+    digest of its own content, so that `load` can rebuild the model without calibration and refuse a
+    save that was changed. Nothing is pickled. The save is atomic: it is written into a new folder
+    that then replaces `path`, so a save that fails midway leaves any earlier save at `path` whole.
     """
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(f"dqcompile.save takes a QuantizedModel (what dqcompile.quantize returns), got {type(qmodel).__name__}")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in qmodel.graph_module.state_dict().items()}
-    safetensors.torch.save_file(state, folder / "model.safetensors")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _model_tensors(qmodel)
     config = qmodel.config
-    plan = {
-        "format_version": FORMAT_VERSION,
-        "source_class": qmodel.source_class,
-        "config": dict(config) if config is not None else None,
-        "dtype": str(qmodel.dtype).removeprefix("torch."),
-        "spec": qmodel.spec.to_dict(),
-        "report": qmodel.report.to_dict(),
-    }
-    (folder / "plan.json").write_text(json.dumps(plan, indent=2, default=_json_default))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        safetensors.torch.save_file(tensors, staging / TENSORS_FILE)
+        plan = {
+            "format_version": FORMAT_VERSION,
+            "source_class": qmodel.source_class,
+            "config": dict(config) if config is not None else None,
+            "dtype": str(qmodel.dtype).removeprefix("torch."),
+            "spec": qmodel.spec.to_dict(),
+            "plan": qmodel.plan.to_json(),
+            "example_inputs": qmodel.example_inputs,
+            "report": qmodel.report.to_dict(),
+            "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                        for name, t in tensors.items()},
+            "sha256": _sha256(staging / TENSORS_FILE),
+        }
+        plan["digest"] = _plan_digest(plan)
+        (staging / PLAN_FILE).write_text(json.dumps(plan, indent=1, default=_json_default))
+        _replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing `target` is moved aside first and removed last."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(value: Any) -> Any:
@@ -131,18 +232,96 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} into plan.json")
 
 
-def _skeleton(plan: dict[str, Any]) -> nn.Module:
-    """An instance of the source architecture (diffusers classes are rebuilt from their config)."""
-    module_name, _, class_name = plan["source_class"].rpartition(".")
-    if not module_name.startswith("diffusers") or plan["config"] is None:
-        raise ValueError(
-            f"load cannot rebuild {plan['source_class']} by itself: pass model=... (an instance of it; its "
-            "weights are replaced by the saved ones)"
-        )
+# ------------------------------------------------------------------------------------------ load
+
+def _read_plan(folder: Path) -> dict[str, Any]:
+    """plan.json, checked: format version, digest, and the tensor file's sha256."""
+    plan_path, tensors_path = folder / PLAN_FILE, folder / TENSORS_FILE
+    for path in (plan_path, tensors_path):
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a dqcompile save: {path.name} is missing")
+    try:
+        plan = json.loads(plan_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{plan_path}: not valid JSON ({error})") from None
+    if not isinstance(plan, dict) or plan.get("format_version") != FORMAT_VERSION:
+        version = plan.get("format_version") if isinstance(plan, dict) else None
+        raise ValueError(f"{plan_path}: format_version {version!r} is not {FORMAT_VERSION} (save it again with this version)")
+    if plan.get("digest") != _plan_digest(plan):
+        raise ValueError(f"{plan_path} was changed after it was saved (its digest does not match its content)")
+    if _sha256(tensors_path) != plan.get("sha256"):
+        raise ValueError(f"{tensors_path} was changed after it was saved (its sha256 does not match plan.json)")
+    return plan
+
+
+def _check_tensor_file(folder: Path, plan: Mapping[str, Any]) -> None:
+    """Every tensor's dtype and shape as plan.json lists them, and no tensor more or less."""
+    with safetensors.safe_open(folder / TENSORS_FILE, framework="pt") as handle:
+        names = set(handle.keys())
+        listed = plan["tensors"]
+        if names != set(listed):
+            extra, missing = sorted(names - set(listed)), sorted(set(listed) - names)
+            raise ValueError(f"{folder / TENSORS_FILE} does not hold the tensors plan.json lists "
+                             f"(unlisted: {extra[:3]}, missing: {missing[:3]})")
+        for name in names:
+            piece = handle.get_slice(name)
+            dtype, shape = piece.get_dtype(), list(piece.get_shape())
+            expected = listed[name]
+            if shape != expected["shape"] or not _same_dtype(dtype, expected["dtype"]):
+                raise ValueError(f"tensor {name}: {dtype} {shape} in the file, plan.json says "
+                                 f"{expected['dtype']} {expected['shape']}")
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
+                       "U8": "uint8", "I32": "int32", "I64": "int64", "I16": "int16", "BOOL": "bool"}
+
+
+def _same_dtype(safetensors_dtype: str, torch_name: str) -> bool:
+    return _SAFETENSORS_DTYPES.get(safetensors_dtype) == torch_name
+
+
+def _source_class(name: str) -> type[nn.Module]:
+    """The diffusers transformer class a save names, by identity: only diffusers' own model classes
+    under diffusers.models.transformers are rebuilt from a config."""
     import diffusers
 
-    cls = getattr(diffusers, class_name)
-    return cls.from_config(plan["config"]).to(getattr(torch, plan["dtype"]))
+    module_name, _, class_name = name.rpartition(".")
+    cls = getattr(diffusers, class_name, None)
+    if (not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin)
+            or f"{cls.__module__}.{cls.__qualname__}" != name
+            or not cls.__module__.startswith("diffusers.models.transformers.")):
+        raise ValueError(
+            f"load rebuilds only diffusers transformer models from their config, not {name!r}: pass model=... "
+            "(an instance of the source architecture; its weights are replaced by the saved ones)"
+        )
+    return cls
+
+
+def _skeleton(plan: Mapping[str, Any], folder: Path) -> nn.Module:
+    """An instance of the source architecture with uninitialised weights, after checking on the meta
+    device that its parameters and buffers are the saved ones (so that a config edited to ask for a
+    huge model is refused before any memory is taken)."""
+    cls = _source_class(plan["source_class"])
+    if not isinstance(plan.get("config"), dict):
+        raise ValueError(f"{folder / PLAN_FILE}: no model config to rebuild {plan['source_class']} from; pass model=...")
+    dtype = getattr(torch, plan["dtype"])
+    with torch.device("meta"):
+        skeleton = cls.from_config(plan["config"]).to(dtype)
+    _check_skeleton(skeleton, plan, folder)
+    return skeleton.to_empty(device="cpu")
+
+
+def _check_skeleton(skeleton: nn.Module, plan: Mapping[str, Any], folder: Path) -> None:
+    saved = plan["tensors"]
+    dropped = {layer["weight_name"] for layer in plan["plan"]["layers"] if layer["weight"] is not None}
+    for name, tensor in (*skeleton.named_parameters(), *skeleton.named_buffers()):
+        if name in dropped:
+            continue
+        if name not in saved:
+            raise ValueError(f"the model rebuilt from plan.json's config has {name}, which {folder} does not hold")
+        if list(tensor.shape) != saved[name]["shape"]:
+            raise ValueError(f"{name}: the model rebuilt from plan.json's config has shape {list(tensor.shape)}, "
+                             f"{folder} holds {saved[name]['shape']}")
 
 
 def load(
@@ -152,19 +331,60 @@ def load(
     example_inputs: ExampleInputs | None = None,
     device: str | torch.device | None = None,
 ) -> QuantizedModel:
-    """Load a model written by `save`. No pickle: safetensors and JSON only.
+    """Load a model written by `save`: safetensors and JSON only, no pickle, no calibration.
 
-    model: an instance of the source architecture (any weights); needed unless it is a diffusers
-    model that plan.json's config rebuilds. The graph is captured and lowered again with the saved
-    spec, then every tensor is taken from model.safetensors.
+    What load still does: it rebuilds the source architecture (from plan.json's config for diffusers
+    transformers, or `model`, an instance of it whose weights are replaced), captures it with
+    torch.export (the graph is not saved: capture needs the model's code), and lowers the capture from
+    the saved plans. What it verifies first: the format version, plan.json's digest of its own
+    content, the tensor file's sha256, every tensor's dtype and shape against plan.json, the rebuilt
+    model's parameters against the file, and the source class (diffusers' own transformer classes
+    only). docs/CONTRACTS.md lists what it trusts.
+
+    example_inputs: inputs to capture with; default: zeros shaped as the inputs quantize captured with.
     """
     folder = Path(path)
-    plan = json.loads((folder / "plan.json").read_text())
-    if plan.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder / 'plan.json'}: format_version {plan.get('format_version')} is not {FORMAT_VERSION}")
-    skeleton = model if model is not None else _skeleton(plan)
-    spec = QuantSpec.from_dict(plan["spec"])
-    qmodel = _build(skeleton, spec, None, example_inputs, progress=False, restoring=True)
-    state = safetensors.torch.load_file(folder / "model.safetensors")
-    qmodel.graph_module.load_state_dict(state, strict=True)
+    plan_data = _read_plan(folder)
+    _check_tensor_file(folder, plan_data)
+    spec = QuantSpec.from_dict(plan_data["spec"])
+    if model is not None:
+        skeleton, copy = model, True
+    else:
+        skeleton, copy = _skeleton(plan_data, folder), False
+    if example_inputs is None:
+        if plan_data.get("example_inputs") is None:
+            raise ValueError(f"{folder}: the inputs it was captured with could not be recorded; pass example_inputs=...")
+        device_of = next(skeleton.parameters()).device
+        example_inputs = pytree.tree_map(
+            lambda v: v.to(device_of) if isinstance(v, torch.Tensor) else v, _example_from_record(plan_data["example_inputs"])
+        )
+    captured = capture(skeleton, example_inputs, copy_parameters=copy)
+    gm = captured.graph_module
+    tensors = safetensors.torch.load_file(folder / TENSORS_FILE)
+    plan = ModelPlan.from_json(plan_data["plan"], tensors)
+    lower(gm, plan)
+    _assign_tensors(gm, tensors, folder)
+    qmodel = QuantizedModel(
+        gm, captured.binding, spec=spec, plan=plan, report=QuantReport.from_dict(plan_data["report"]),
+        config=getattr(skeleton, "config", None), dtype=getattr(torch, plan_data["dtype"]),
+        source_class=plan_data["source_class"], example_inputs=plan_data.get("example_inputs"),
+    )
     return qmodel.to(device) if device is not None else qmodel
+
+
+def _assign_tensors(gm: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every parameter and buffer of the lowered graph module (but the derived ones) from the file, by
+    name; refuses a missing, extra or mis-typed tensor."""
+    derived = set(gm.meta.get(DERIVED_META, ()))
+    own = {name: t for name, t in (*gm.named_parameters(), *gm.named_buffers()) if name not in derived}
+    if set(own) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+        raise ValueError(f"{folder / TENSORS_FILE} does not match the rebuilt model (not in the model: {extra[:3]}, "
+                         f"not in the file: {missing[:3]})")
+    with torch.no_grad():
+        for name, target in own.items():
+            source = tensors[name]
+            if source.dtype != target.dtype or source.shape != target.shape:
+                raise ValueError(f"tensor {name}: the file holds {source.dtype} {tuple(source.shape)}, the model "
+                                 f"needs {target.dtype} {tuple(target.shape)}")
+            target.copy_(source)

@@ -61,12 +61,15 @@ class CallBinding:
     output_class: type | None
     return_dict_default: bool
 
-    def graph_kwargs(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
-        """The graph module's keyword inputs for a call, and whether the caller wants the output dataclass."""
+    def graph_kwargs(self, args: tuple, kwargs: dict, *, sample_index: int | None = None) -> tuple[dict[str, Any], bool]:
+        """The graph module's keyword inputs for a call, and whether the caller wants the output dataclass.
+
+        sample_index: the call is calibration sample `sample_index` (errors then name it)."""
+        where = "quantized model called" if sample_index is None else f"calibration sample {sample_index}"
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as error:
-            raise TypeError(f"quantized model called with arguments its forward does not take: {error}") from None
+            raise TypeError(f"{where} with arguments its forward does not take: {error}") from None
         bound.apply_defaults()
         values = dict(bound.arguments)
         return_dict = bool(values.pop("return_dict", self.return_dict_default))
@@ -76,8 +79,8 @@ class CallBinding:
             if name in self.static:
                 if not _same_static(value, self.static[name]):
                     raise ValueError(
-                        f"argument {name}={_short(value)} differs from the value fixed when the model was "
-                        f"captured ({_short(self.static[name])}); quantize with example inputs that pass it"
+                        f"{where}: argument {name}={_short(value)} differs from the value fixed when the model "
+                        f"was captured ({_short(self.static[name])}); quantize with example inputs that pass it"
                     )
                 graph_inputs[name] = self.static[name]
             else:

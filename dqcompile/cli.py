@@ -49,7 +49,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dqcompile.fmnist.fitness import FITNESS_BUILDERS
-    from dqcompile.search import search_group_sizes
+    from dqcompile.methods.qdit import search_group_sizes
 
     log_path = Path(args.log or Path(args.out).with_suffix(".log"))
     handler = logging.FileHandler(log_path)
@@ -64,10 +64,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
                                              guidance_scale=args.guidance, seed=args.seed,
                                              batch_size=256)
     plan = search_group_sizes(
-        model, args.spec, candidates=tuple(int(g) for g in args.candidates.split(",")), budget=args.budget,
+        model, fitness, args.spec, candidates=tuple(int(g) for g in args.candidates.split(",")), budget=args.budget,
         population=args.population, iterations=args.iterations, top_k=args.top_k, crossover=args.crossover,
-        mutation=args.mutation, mutation_prob=args.mutation_prob, fitness=fitness, samples=args.samples,
-        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, checkpoint=args.checkpoint,
+        mutation=args.mutation, mutation_prob=args.mutation_prob, fitness_name=args.fitness, seed=args.seed,
+        checkpoint=args.checkpoint,
     )
     plan.save(args.out)
     logger.removeHandler(handler)

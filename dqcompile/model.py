@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from dqcompile.capture import CallBinding
 from dqcompile.passes.retarget_device import retarget_device
+from dqcompile.plan import ModelPlan
 from dqcompile.report import QuantReport
 from dqcompile.spec import QuantSpec
 
@@ -17,7 +18,8 @@ from dqcompile.spec import QuantSpec
 class QuantizedModel(nn.Module):
     """A quantized model with the call signature and output type of the model it came from.
 
-    It runs the rewritten graph (`graph_module`), whose quantized linears are dqcompile integer ops.
+    It runs the lowered graph (`graph_module`), whose quantized linears are dqcompile integer ops.
+    `.plan` holds every decision (per layer and attention), `.report` the per-layer summary.
     `.config` is the source model's config (diffusers pipelines read it); `.dtype` is the float
     dtype it computes in, fixed at quantization; `.to(device)` moves it, `.to(dtype)` is refused.
     """
@@ -28,16 +30,20 @@ class QuantizedModel(nn.Module):
         binding: CallBinding,
         *,
         spec: QuantSpec,
+        plan: ModelPlan,
         report: QuantReport,
         config: Any = None,
         dtype: torch.dtype = torch.float32,
         source_class: str = "",
+        example_inputs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.binding = binding
         self.spec = spec
+        self.plan = plan
         self.report = report
+        self.example_inputs = example_inputs
         self.config = config
         self.source_class = source_class
         self._dtype = dtype

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from dqcompile.passes.context import LayerPlan
-from dqcompile.spec import LayerSpec
+from dqcompile.plan import ActivationPlan, ModelPlan, WeightPlan
 
 
-def describe_weights(spec: LayerSpec) -> str:
-    granularity = f"group {spec.weight_group_size}" if spec.weight_group_size else "per channel"
-    if spec.fitted_from:
-        granularity += f" (fitted from {spec.fitted_from})"
-    clip = ", clip search" if spec.clip_search else ""
-    return f"int{spec.weight_bits} {granularity}{clip}"
+def describe_weights(weight: WeightPlan) -> str:
+    granularity = f"group {weight.group_size}" if weight.group_size else "per channel"
+    if weight.fitted_from:
+        granularity += f" (fitted from {weight.fitted_from})"
+    clip = ", clip search" if weight.clip_search else ""
+    return f"int{weight.bits} {granularity}{clip}"
 
 
-def describe_activations(spec: LayerSpec) -> str:
-    if not spec.act_quantized:
+def describe_activations(activations: ActivationPlan) -> str:
+    if not activations.quantized:
         return "float"
+    per = "per time group" if activations.time_grouped else "per tensor"
     mode = {
         "dynamic_token": "dynamic per token",
-        "dynamic_group": f"dynamic group {spec.act_group_size}",
-        "dynamic_sample_group": f"dynamic per sample, group {spec.act_group_size}",
-        "static_tensor": "static per tensor",
-    }[spec.act_mode]
-    return f"int{spec.act_bits} {mode}, {'sym' if spec.act_symmetric else 'asym'}"
+        "dynamic_group": f"dynamic group {activations.group_size}",
+        "dynamic_sample_group": f"dynamic per sample, group {activations.group_size}",
+        "static": f"static {per}",
+        "two_region": f"two-region (MRQ) {per}",
+    }[activations.kind]
+    return f"int{activations.bits} {mode}, {'sym' if activations.symmetric else 'asym'}"
 
 
 @dataclass
@@ -50,20 +51,19 @@ class QuantReport:
     quantized_weight_bytes: int = 0
 
     @classmethod
-    def from_plans(cls, spec_name: str, plans: list[LayerPlan], weight_bytes: dict[str, tuple[int, int]]) -> QuantReport:
+    def from_plan(cls, spec_name: str, plan: ModelPlan, weight_bytes: dict[str, tuple[int, int]]) -> QuantReport:
         """weight_bytes: layer name -> (bytes as float, bytes now)."""
         report = cls(spec_name=spec_name)
-        for plan in plans:
-            before, after = weight_bytes[plan.name]
+        for layer in plan.layers.values():
+            before, after = weight_bytes[layer.name]
             report.float_weight_bytes += before
             report.quantized_weight_bytes += after
-            if plan.quantized:
-                row = LayerReport(
-                    plan.name, (plan.out_features, plan.in_features), describe_weights(plan.spec),
-                    describe_activations(plan.spec), "; ".join(plan.notes),
-                )
+            shape = (layer.out_features, layer.in_features)
+            if layer.quantized:
+                row = LayerReport(layer.name, shape, describe_weights(layer.weight),
+                                  describe_activations(layer.activations), "; ".join(layer.notes))
             else:
-                row = LayerReport(plan.name, (plan.out_features, plan.in_features), "float", "float", plan.float_reason or "")
+                row = LayerReport(layer.name, shape, "float", "float", layer.float_reason or "")
             report.layers.append(row)
         return report
 
@@ -73,6 +73,11 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantReport:
+        layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
+        return cls(**{**data, "layers": layers})
 
     def __str__(self) -> str:
         header = ("layer", "shape", "weights", "activations", "note")

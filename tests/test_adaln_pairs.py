@@ -6,7 +6,7 @@ from torch import nn
 
 import dqcompile
 from dqcompile import AdaLNPair, AttentionPair
-from dqcompile.passes.find_adaln_pairs import channel_rows, graph_view
+from dqcompile.graph import channel_rows, graph_view
 from tiny_models import hand_dit, hand_dit_inputs, modulate, tiny_dit, tiny_pixart, tiny_sd3
 
 

@@ -7,24 +7,26 @@ import torch
 
 import dqcompile
 from dqcompile import AdaLNPair, QuantSpec
-from dqcompile.calib.runner import run_calibration
+from dqcompile.calib.probes import ChannelStats
 from dqcompile.example_inputs import default_example_inputs
-from dqcompile.passes.annotate_linears import annotate_linears
-from dqcompile.passes.context import ChannelStats, PassContext
-from dqcompile.passes.find_adaln_pairs import analyze_balance_pairs, balanced_layers, iter_pairs
-from dqcompile.passes.fold_balancing import fold_balancing
-from dqcompile.passes.observers import insert_observers, remove_observers
-from dqcompile.passes.salience_balance import (
-    ANNOTATION,
+from dqcompile.methods.ptq4dit import PTQ4DiTOptions, balanced_layers
+from dqcompile.methods.ptq4dit.balance import (
+    BALANCES,
+    PAIRS,
     Balance,
     activation_salience,
     balancing_vector,
+    find_balance_pairs,
     pair_key,
     salience_balance,
     spearman_weights,
 )
+from dqcompile.methods.ptq4dit.fold import fold_balancing
+from dqcompile.passes.context import PassContext
+from dqcompile.passes.lower import apply_edits
+from dqcompile.passes.pipeline import calibrate
+from dqcompile.passes.plan_layers import plan_layers
 from dqcompile.quant import fake_quantize
-from dqcompile.spec import PTQ4DiTOptions
 from tiny_models import hand_dit, hand_dit_inputs, rel_l2, tiny_dit, tiny_pixart, tiny_sd3
 
 
@@ -92,13 +94,27 @@ def test_activation_salience_of_a_shared_input_is_the_max_over_its_readers():
 # ---------------------------------------------------------------------------------------------- fold
 
 
-def prepared(model, example_inputs, spec="ptq4dit-w8a8"):
+def prepared(model, example_inputs, spec="ptq4dit-w8a8", calibration=None):
     """A captured graph (own parameters) with its pairs analysed: what the pipeline has before calibration."""
     captured = dqcompile.capture(model, example_inputs, copy_parameters=True)
-    ctx = PassContext(spec=QuantSpec.resolve(spec), progress=False)
-    annotate_linears(captured.graph_module, ctx)
-    analyze_balance_pairs(captured.graph_module, ctx)
+    ctx = PassContext(spec=QuantSpec.resolve(spec), binding=captured.binding, calibration=calibration, progress=False)
+    plan_layers(captured.graph_module, ctx)
+    find_balance_pairs(captured.graph_module, ctx)
     return captured, ctx
+
+
+def fold_into_graph(captured, ctx):
+    """Fold the balancing vectors and apply the plan's float-graph edits, as the lowering does."""
+    fold_balancing(captured.graph_module, ctx)
+    _register_edit_buffers(captured.graph_module, ctx.plan)
+    apply_edits(captured.graph_module, ctx.plan)
+    captured.graph_module.recompile()
+
+
+def _register_edit_buffers(gm, plan):
+    for edit in plan.edits:
+        owner, _, leaf = edit.buffer.rpartition(".")
+        gm.get_submodule(owner).register_buffer(leaf, edit.tensor)
 
 
 def graph_output(captured, inputs):
@@ -126,16 +142,17 @@ def test_fold_of_random_balancing_is_exact_in_float32(family):
     model = build()
     inputs = make_inputs(model)
     captured, ctx = prepared(model, inputs)
-    pairs = list(iter_pairs(ctx))
+    pairs = ctx.annotations[PAIRS]
     assert any(isinstance(p, AdaLNPair) for p in pairs) and any(not isinstance(p, AdaLNPair) for p in pairs)
     generator = torch.Generator().manual_seed(1)
     # Vectors over two orders of magnitude, so that a wrong row, chunk or sign would show.
-    ctx.annotations[ANNOTATION] = {
-        pair_key(p): Balance(4.0 ** (2 * torch.rand(ctx.layers[balanced_layers(p)[0]].in_features, generator=generator) - 1), {}, {})
+    layers = ctx.plan.layers
+    ctx.annotations[BALANCES] = {
+        pair_key(p): Balance(4.0 ** (2 * torch.rand(layers[balanced_layers(p)[0]].in_features, generator=generator) - 1), {}, {})
         for p in pairs
     }
     nodes_before = len(captured.graph_module.graph.nodes)
-    fold_balancing(captured.graph_module, ctx)
+    fold_into_graph(captured, ctx)
     with torch.no_grad():
         folded, reference = graph_output(captured, inputs), model_output(model, inputs)
     # float32 rounding of a 2-block model with rescaled weights: ~1e-7 per op, well under 1e-5.
@@ -152,8 +169,8 @@ def test_pixart_fold_rewrites_the_table_add_as_one_addcmul():
     model = tiny_pixart()
     inputs = default_example_inputs(model, batch=2)
     captured, ctx = prepared(model, inputs)
-    ctx.annotations[ANNOTATION] = {pair_key(p): Balance(torch.full((32,), 2.0), {}, {}) for p in iter_pairs(ctx)}
-    fold_balancing(captured.graph_module, ctx)
+    ctx.annotations[BALANCES] = {pair_key(p): Balance(torch.full((32,), 2.0), {}, {}) for p in ctx.annotations[PAIRS]}
+    fold_into_graph(captured, ctx)
     gm = captured.graph_module
     addcmuls = [n for n in gm.graph.nodes if n.target == torch.ops.aten.addcmul.default]
     assert len(addcmuls) == 2  # one per block; the final layer's proj_out stays float, so it is not balanced
@@ -168,18 +185,14 @@ def test_pixart_fold_rewrites_the_table_add_as_one_addcmul():
 def test_balanced_statistics_are_those_of_the_folded_graph():
     model = tiny_dit()
     calibration = [dit_inputs(4, seed=s, timestep=t) for s, t in enumerate((999, 500, 20))]
-    captured, ctx = prepared(model, calibration[0])
+    captured, ctx = prepared(model, calibration[0], calibration=calibration)
     gm = captured.graph_module
-    insert_observers(gm, ctx, ctx.observe)
-    run_calibration(gm, captured.binding, calibration, progress=False)
-    remove_observers(gm, ctx)
+    calibrate(gm, ctx)
     salience_balance(gm, ctx)
-    fold_balancing(gm, ctx)
+    fold_into_graph(captured, ctx)
     before = ctx.input_stats
     ctx.input_stats = {}
-    insert_observers(gm, ctx, set(before))
-    run_calibration(gm, captured.binding, calibration, progress=False)
-    remove_observers(gm, ctx)
+    calibrate(gm, ctx)
     assert set(before["transformer_blocks.0.attn1.to_q"]) == {999.0, 500.0, 20.0}
     for layer, per_t in before.items():
         for t, stats in per_t.items():
@@ -192,15 +205,13 @@ def test_ssc_weights_timesteps_and_csb_takes_the_max():
     calibration = [dit_inputs(4, seed=s, timestep=t) for s, t in enumerate((999, 500, 20))]
     results = {}
     for ssc in (True, False):
-        spec = QuantSpec.from_preset("ptq4dit-w8a8").replace(ptq4dit=PTQ4DiTOptions(ssc=ssc))
-        captured, ctx = prepared(model, calibration[0], spec)
-        insert_observers(captured.graph_module, ctx, ctx.observe)
-        run_calibration(captured.graph_module, captured.binding, calibration, progress=False)
-        remove_observers(captured.graph_module, ctx)
+        spec = QuantSpec.from_preset("ptq4dit-w8a8").replace(options=PTQ4DiTOptions(ssc=ssc))
+        captured, ctx = prepared(model, calibration[0], spec, calibration)
+        calibrate(captured.graph_module, ctx)
         salience_balance(captured.graph_module, ctx)
-        results[ssc] = (ctx, ctx.annotations[ANNOTATION])
+        results[ssc] = (ctx, ctx.annotations[BALANCES])
     ctx, balances = results[False]
-    pair = next(iter_pairs(ctx))
+    pair = ctx.annotations[PAIRS][0]
     w = torch.cat([captured.graph_module.get_parameter(f"{name}.weight") for name in pair.consumers])
     stats = ctx.input_stats[pair.consumers[0]]
     x_max = torch.stack([s.absmax for s in stats.values()]).amax(0)
@@ -221,8 +232,8 @@ def test_presets_and_switches():
     spec = QuantSpec.from_preset("ptq4dit-w4a8")
     assert (spec.method, spec.weights.bits, spec.activations.mode) == ("ptq4dit", 4, "static_tensor")
     assert QuantSpec.from_preset("ptq4dit-w8a8-dyn").activations.mode == "dynamic_token"
-    assert spec.ptq4dit == PTQ4DiTOptions(ssc=True, balance_out_proj=True)
-    assert QuantSpec.from_dict(spec.replace(ptq4dit=PTQ4DiTOptions(ssc=False)).to_dict()).ptq4dit.ssc is False
+    assert spec.options == PTQ4DiTOptions(ssc=True, balance_out_proj=True)
+    assert QuantSpec.from_dict(spec.replace(options=PTQ4DiTOptions(ssc=False)).to_dict()).options.ssc is False
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +264,7 @@ def test_quantize_dit_with_csb_ssc_notes_and_accuracy(dit_calibration):
 
 
 def test_csb_only_and_no_out_projection_switches(dit_calibration):
-    spec = QuantSpec.from_preset("ptq4dit-w8a8-dyn").replace(ptq4dit=PTQ4DiTOptions(ssc=False, balance_out_proj=False))
+    spec = QuantSpec.from_preset("ptq4dit-w8a8-dyn").replace(options=PTQ4DiTOptions(ssc=False, balance_out_proj=False))
     qmodel = dqcompile.quantize(tiny_dit(), spec, calibration=dit_calibration, progress=False)
     rows = {row.name: row.note for row in qmodel.report.layers}
     assert rows["transformer_blocks.0.attn1.to_k"].startswith("CSB balanced with transformer_blocks.0.norm1.linear")

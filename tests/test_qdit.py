@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dqcompile
-from dqcompile import ActivationSpec, QDiTOptions, QuantSpec, WeightSpec
+from dqcompile import ActivationSpec, QuantSpec, WeightSpec
 from dqcompile.passes.gptq import gptq_quantize
 from dqcompile.quant import QuantizedWeight, quantize_weight
 from dqcompile.spec import fit_group_size
@@ -27,7 +27,7 @@ def lowered_nodes(qmodel, layer: str, op) -> list:
 PER_LAYER = QuantSpec(
     weights=WeightSpec(bits=4, group_size=32),
     activations=ActivationSpec(mode="dynamic_group"),
-    qdit=QDiTOptions(group_sizes=(("*attn1.to_q", 16), ("*ff.net.2", 64))),
+    group_sizes=(("*attn1.to_q", 16), ("*ff.net.2", 64)),
 )
 
 
@@ -83,18 +83,18 @@ def test_group_size_that_does_not_divide_is_fitted_or_refused_with_the_layer_nam
     refused = QuantSpec(weights=WeightSpec(bits=4, group_size=128), activations=ActivationSpec(mode="dynamic_group"))
     with pytest.raises(ValueError, match=r"layer transformer_blocks\.0\.attn1\.to_q: weights\.group_size=128 does not divide its 32"):
         dqcompile.quantize(tiny_dit(), refused, progress=False)
-    layer = QuantSpec.from_preset("qdit-w4a8").layer("blocks.0.attn.qkv", in_features=192)
-    assert (layer.weight_group_size, layer.act_group_size, layer.fitted_from) == (96, 96, 128)
+    weight, activations = QuantSpec.from_preset("qdit-w4a8").layer_plans("blocks.0.attn.qkv", in_features=192)
+    assert (weight.group_size, activations.group_size, weight.fitted_from) == (96, 96, 128)
 
 
 def test_spec_validation_and_group_plans(tmp_path):
-    with pytest.raises(ValueError, match=r"qdit\.rounding='gptq' needs method='qdit'"):
-        QuantSpec(qdit=QDiTOptions(rounding="gptq"))
+    with pytest.raises(ValueError, match=r"weights\.rounding='adaround' is not allowed; allowed values: 'rtn', 'gptq'"):
+        WeightSpec(rounding="adaround")
     with pytest.raises(ValueError, match=r"group size of '\*q' must be a positive integer"):
-        QDiTOptions(group_sizes=(("*q", 0),))
-    with pytest.raises(ValueError, match=r"activations\.group_size=32 must be 0 with qdit\.group_sizes"):
+        QuantSpec(group_sizes=(("*q", 0),))
+    with pytest.raises(ValueError, match=r"activations\.group_size=32 must be 0 with group_sizes"):
         QuantSpec(weights=WeightSpec(group_size=32), activations=ActivationSpec(mode="dynamic_group", group_size=32),
-                  qdit=QDiTOptions(group_sizes=(("a", 16),)))
+                  group_sizes=(("a", 16),))
     spec = QuantSpec.from_preset("qdit-w4a8")
     (tmp_path / "plan.json").write_text('{"group_sizes": {"blocks.0.fc2": 64, "blocks.0.fc1": 32}}')
     from_file = spec.with_group_plan(tmp_path / "plan.json")
@@ -165,7 +165,7 @@ def test_gptq_output_error_below_rtn(bits, group, act_order):
 
 def test_gptq_in_the_pipeline():
     model = tiny_dit()
-    spec = QuantSpec.from_preset("qdit-w4a8").replace(qdit=QDiTOptions(fit_group_sizes=True, rounding="gptq"))
+    spec = QuantSpec.from_preset("qdit-w4a8").replace(weights=WeightSpec(bits=4, group_size=128, clip_search=True, rounding="gptq"))
     with pytest.raises(ValueError, match="needs calibration data"):
         dqcompile.quantize(model, spec, progress=False)
     calibration = [dit_inputs(batch=4, seed=seed) for seed in range(4)]

@@ -6,20 +6,12 @@ import random
 import pytest
 
 import dqcompile
-from dqcompile import ActivationSpec, GroupPlan, QDiTOptions, QuantSpec, WeightSpec
+from dqcompile import ActivationSpec, GroupPlan, QuantSpec, WeightSpec
 from dqcompile.cli import build_parser
-from dqcompile.search import (
-    EPILOGUE_BITOPS,
-    SearchLayer,
-    SearchSpace,
-    crossover_child,
-    layer_bitops,
-    mutation_child,
-    proxy_fitness,
-    random_genome,
-    search_group_sizes,
-    search_space,
-)
+from dqcompile.fmnist.fitness import proxy_fitness
+from dqcompile.methods.qdit import SearchLayer, SearchSpace, layer_bitops, search_group_sizes, search_space
+from dqcompile.methods.qdit.cost import EPILOGUE_BITOPS
+from dqcompile.methods.qdit.evolution import crossover_child, mutation_child, random_genome
 from tiny_models import tiny_dit
 
 # The tiny DiT is 32 wide (fc2: 128): a spec of group 32 leaves room on both sides of its cost.
@@ -27,13 +19,17 @@ SPEC = QuantSpec(
     weights=WeightSpec(bits=4, group_size=32, clip_search=True),
     activations=ActivationSpec(mode="dynamic_group"),
     method="qdit",
-    qdit=QDiTOptions(fit_group_sizes=True),
+    fit_group_sizes=True,
     name="tiny-qdit",
 )
 SEARCH = dict(
     candidates=(16, 32, 64, 128), population=4, iterations=2, top_k=2, crossover=2, mutation=2,
-    mutation_prob=0.3, fitness="proxy", samples=4, steps=2, progress=False,
+    mutation_prob=0.3, fitness_name="proxy", progress=False,
 )
+
+
+def fitness(source):
+    return proxy_fitness(source, samples=4, steps=2, guidance_scale=1.5, seed=0, batch_size=256)
 
 
 def model():
@@ -88,7 +84,8 @@ def test_search_space_of_tiny_dit():
 
 @pytest.fixture(scope="module")
 def full_search() -> GroupPlan:
-    return search_group_sizes(model(), SPEC, **SEARCH)
+    source = model()
+    return search_group_sizes(source, fitness(source), SPEC, **SEARCH)
 
 
 def test_tiny_search_end_to_end(full_search, tmp_path):
@@ -103,14 +100,14 @@ def test_tiny_search_end_to_end(full_search, tmp_path):
     # Applied through quantize(), the plan gives the very model the search assembled and scored.
     source = model()
     qmodel = dqcompile.quantize(source, SPEC.with_group_plan(saved), progress=False)
-    fitness = proxy_fitness(source, samples=4, steps=2, guidance_scale=1.5, seed=0, batch_size=256)
-    assert fitness(qmodel) == plan.fitness
+    assert fitness(source)(qmodel) == plan.fitness
 
 
 def test_seeded_search_is_deterministic_and_resumes(full_search, tmp_path):
     checkpoint = tmp_path / "search.json"
-    first = search_group_sizes(model(), SPEC, **{**SEARCH, "iterations": 1}, checkpoint=checkpoint)
-    resumed = search_group_sizes(model(), SPEC, **SEARCH, checkpoint=checkpoint)
+    source = model()
+    first = search_group_sizes(source, fitness(source), SPEC, **{**SEARCH, "iterations": 1}, checkpoint=checkpoint)
+    resumed = search_group_sizes(source, fitness(source), SPEC, **SEARCH, checkpoint=checkpoint)
 
     def trace(plan: GroupPlan) -> list:
         return [(h["best_fitness"], h["best_group_sizes"], h["new_evaluations"]) for h in plan.search["history"]]
@@ -120,7 +117,7 @@ def test_seeded_search_is_deterministic_and_resumes(full_search, tmp_path):
     assert resumed.search["evaluations"] == full_search.search["evaluations"]
     assert resumed.search["evaluations_this_run"] == full_search.search["evaluations"] - first.search["evaluations"]
     with pytest.raises(ValueError, match=r"checkpoint of another search \(it differs in seed\)"):
-        search_group_sizes(model(), SPEC, **{**SEARCH, "seed": 1}, checkpoint=checkpoint)
+        search_group_sizes(source, fitness(source), SPEC, **{**SEARCH, "seed": 1}, checkpoint=checkpoint)
 
 
 def test_cli_search_and_quantize_take_a_plan():

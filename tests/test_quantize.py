@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dqcompile
-from dqcompile import ActivationSpec, QDiTOptions, QuantSpec, WeightSpec
+from dqcompile import ActivationSpec, QuantSpec, WeightSpec
 from dqcompile.example_inputs import default_example_inputs
 from tiny_models import dit_inputs, hand_dit, hand_dit_inputs, rel_l2, tiny_dit, tiny_pixart, tiny_sd3
 
@@ -206,8 +206,9 @@ def test_train_and_eval_calls_are_accepted(dit_w8a8):
     [
         QuantSpec.from_preset("w8a8"),
         QuantSpec.from_preset("w4a16"),
-        QuantSpec.from_preset("qdit-w4a8").replace(qdit=QDiTOptions(fit_group_sizes=True)),
-        QuantSpec.from_preset("qdit-w4a8").replace(qdit=QDiTOptions(fit_group_sizes=True, rounding="gptq")),
+        QuantSpec.from_preset("qdit-w4a8"),
+        QuantSpec.from_preset("qdit-w4a8").replace(weights=WeightSpec(bits=4, group_size=128, clip_search=True,
+                                                                      rounding="gptq")),
         QuantSpec.from_preset("ptq4dit-w8a8-dyn"),
         QuantSpec.from_preset("tqdit-w8a8"),
         QuantSpec.from_preset("w8a8").replace(activations=ActivationSpec(mode="static_tensor")),

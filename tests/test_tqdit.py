@@ -7,8 +7,9 @@ from torch.fx._pytree import tree_flatten_spec
 import dqcompile
 from dqcompile import QuantSpec
 from dqcompile.backends import reference
-from dqcompile.passes.hessian_search import candidate_grid, search_layer
-from dqcompile.passes.tqdit_common import TimeGroups, UniformTables
+from dqcompile.methods.tqdit import TQDiTOptions
+from dqcompile.methods.tqdit.common import TimeGroups, UniformTables
+from dqcompile.methods.tqdit.hessian_search import candidate_grid, search_layer
 from dqcompile.quant import QParams, compute_qparams, pack_int4, quantize, quantize_weight
 from dqcompile.quant.mrq import (
     fake_quantize_mrq,
@@ -17,7 +18,7 @@ from dqcompile.quant.mrq import (
     softmax_high_scale,
     softmax_low_scales,
 )
-from dqcompile.spec import ActivationSpec, TQDiTOptions
+from dqcompile.spec import ActivationSpec
 from tiny_models import hand_dit, rel_l2, tiny_dit
 
 ops = torch.ops.dqcompile
@@ -180,9 +181,10 @@ def test_each_row_reads_its_timesteps_group(tgq_model):
     _, qmodel = tgq_model
     gm = qmodel.graph_module
     # Midpoints of 50, 300, 600, 900, then groups that no calibration timestep reached.
-    assert gm.tqdit_time_boundaries.tolist() == [175.0, 450.0, 750.0] + [float("inf")] * 6
+    assert gm.time_boundaries.tolist() == [175.0, 450.0, 750.0] + [float("inf")] * 6
     layer = "transformer_blocks.0.attn1.to_q"
-    table = gm.get_submodule(layer).input_scale_groups
+    table = gm.get_submodule(layer).input_scale
+    assert qmodel.plan.layers[layer].activations.time_grouped
     assert table.shape == (10,) and len(set(table[:4].tolist())) == 4
     quantize_node = next(n for n in gm.graph.nodes
                          if n.target == ops.quantize_act_static.default and n.meta["dqcompile"]["layer"] == layer)
@@ -231,7 +233,7 @@ def test_lowered_graph_runs_mrq_and_integer_attention(tgq_model):
 
 def test_hessian_search_lowers_the_fisher_weighted_error_of_every_layer(tgq_model):
     _, qmodel = tgq_model
-    summary = qmodel.graph_module.meta["tqdit"]
+    summary = qmodel.plan.summary["tqdit"]
     errors = summary["hessian_errors"]
     assert len(errors) == 12
     assert all(0 < after <= before for before, after in errors.values())
@@ -310,10 +312,10 @@ def test_hand_written_dit_quantizes_with_time_groups():
     for index, t in enumerate(CALIBRATION_TIMESTEPS):
         inputs = dit_inputs(2, seed=index, timestep=t)
         samples.append({"x": inputs["hidden_states"], "t": inputs["timestep"], "y": inputs["class_labels"]})
-    spec = QuantSpec.from_preset("tqdit-w8a8").replace(tqdit=TQDiTOptions(hessian_candidates=12))
+    spec = QuantSpec.from_preset("tqdit-w8a8").replace(options=TQDiTOptions(hessian_candidates=12))
     qmodel = dqcompile.quantize(model, spec, calibration=samples, progress=False)
-    assert qmodel.graph_module.meta["tqdit"]["time_groups"] == 4  # 4 timesteps for 10 groups
-    assert qmodel.graph_module.tqdit_time_boundaries.tolist()[:3] == [175.0, 450.0, 750.0]
+    assert qmodel.plan.summary["tqdit"]["time_groups"] == 4  # 4 timesteps for 10 groups
+    assert qmodel.graph_module.time_boundaries.tolist()[:3] == [175.0, 450.0, 750.0]
     with torch.no_grad():
         x, t, y = samples[1]["x"], samples[1]["t"], samples[1]["y"]
         assert rel_l2(qmodel(x, t, y), model(x, t, y)) < 0.05
@@ -322,8 +324,8 @@ def test_hand_written_dit_quantizes_with_time_groups():
 def test_tqdit_spec_is_validated():
     with pytest.raises(ValueError, match="method='tqdit' needs activations.mode='static_tensor'"):
         QuantSpec(method="tqdit", activations=ActivationSpec(mode="dynamic_token"))
-    with pytest.raises(ValueError, match=r"tqdit\.time_groups=0 is not allowed"):
+    with pytest.raises(ValueError, match=r"options\.time_groups=0 is not allowed"):
         TQDiTOptions(time_groups=0)
-    with pytest.raises(ValueError, match=r"tqdit\.beta_schedule='cosine' is not allowed"):
+    with pytest.raises(ValueError, match=r"options\.beta_schedule='cosine' is not allowed"):
         TQDiTOptions(beta_schedule="cosine")
     assert {"tqdit-w8a8", "tqdit-w6a6", "tqdit-w4a8"} <= set(dqcompile.presets())

@@ -12,7 +12,7 @@ import torch
 import dqcompile
 from dqcompile import ActivationSpec, QuantSpec, WeightSpec
 from dqcompile.capture import capture
-from dqcompile.passes.find_adaln_pairs import find_adaln_pairs
+from dqcompile import find_adaln_pairs
 from dqcompile.viz import build_graph_view, format_layer_errors, graph_view, layer_errors, render
 from dqcompile.viz.dot import dot_source, write_dot
 from dqcompile.viz.html import page

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dqcompile
 from dqcompile.capture import capture
-from dqcompile.passes.find_adaln_pairs import find_adaln_pairs
+from dqcompile import find_adaln_pairs
 from dqcompile.viz import graph_view, layer_errors, render
 from dqcompile.viz.browser import chromium_path, dump_dom, page_url, screenshot
 from tiny_models import tiny_dit

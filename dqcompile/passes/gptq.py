@@ -1,5 +1,6 @@
-"""Pass: GPTQ weight rounding from each layer's calibration Hessian (Q-DiT's public code offers it
-beside RTN with a clipping search), and the GPTQ algorithm itself.
+"""Passes: GPTQ weight rounding from each layer's calibration Hessian (Q-DiT's public code offers it
+beside RTN with a clipping search; any spec can ask for it with weights.rounding="gptq"), and the
+GPTQ algorithm itself.
 
 GPTQ (Frantar et al., 2023) quantizes a weight one input column at a time and spreads each column's
 rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
@@ -14,8 +15,8 @@ from torch import Tensor
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from dqcompile.calib.probes import HessianAccumulator
 from dqcompile.passes.context import PassContext
-from dqcompile.passes.hessians import remove_hessian_accumulators
 from dqcompile.quant import QParams, QuantizedWeight, dequantize, pack_int4, quantize, quantize_weight
 from dqcompile.quant.uniform import num_groups
 
@@ -97,30 +98,50 @@ def gptq_quantize(
     return QuantizedWeight(qweight=qweight, scale=scales, bits=bits, group_size=group_size)
 
 
-def gptq_weights(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: insert_hessian_accumulators and a calibration run (the "calibrated" stage).
+def request_hessians(gm: GraphModule, ctx: PassContext) -> None:
+    """Needs: plan_layers. Acts when spec.weights.rounding is "gptq".
 
-    Guarantees: no Hessian accumulator remains in the graph; every layer that had one holds buffers
-    `qweight` and `weight_scale` from GPTQ with its own group size (quantize_weights then leaves it
-    alone), and its report note says GPTQ. Without accumulators (rounding "rtn", or restoring a saved
-    model) it changes nothing. Raises ValueError naming the layer when its Hessian cannot be used.
+    Guarantees: the calibration run will accumulate the input Hessian of every quantized layer (one
+    HessianAccumulator probe per linear node, the nodes of a layer sharing their sums), whose
+    H = 2 X^T X / n collect_hessians puts into ctx.hessians; the layers are observed too (which
+    refuses non-finite inputs with the layer's name).
     """
-    hessians = remove_hessian_accumulators(gm)
-    if not hessians:
+    if ctx.spec.weights.rounding != "gptq":
         return
-    options = ctx.spec.qdit
-    for name, hessian in tqdm(hessians.items(), desc="GPTQ", disable=not ctx.progress, leave=False):
-        plan = ctx.layers[name]
+    for plan in ctx.plan.quantized_layers():
+        sums: dict = {"xtx": None, "rows": 0}
+        ctx.probes += [HessianAccumulator(node_name, plan.name, sums) for node_name in plan.node_names]
+        ctx.observe.add(plan.name)
+
+
+def collect_hessians(ctx: PassContext) -> None:
+    """After the calibration run: each layer's Hessian from its accumulators into ctx.hessians."""
+    for probe in ctx.probes:
+        if isinstance(probe, HessianAccumulator) and probe.layer not in ctx.hessians:
+            ctx.hessians[probe.layer] = probe.hessian()
+
+
+def gptq_weights(gm: GraphModule, ctx: PassContext) -> None:
+    """Needs: request_hessians and a calibration run (ctx.hessians), after any pass that rewrites the
+    float weights (a fold, which also rescales the Hessians). Acts when spec.weights.rounding is "gptq".
+
+    Guarantees: every quantized layer's weight plan holds GPTQ's codes and scales with its own group
+    size, and its report note says GPTQ. Raises ValueError naming the layer when its Hessian cannot
+    be used.
+    """
+    if ctx.spec.weights.rounding != "gptq":
+        return
+    options = ctx.spec.weights.gptq
+    for plan in tqdm(ctx.plan.quantized_layers(), desc="GPTQ", disable=not ctx.progress, leave=False):
         weight = gm.get_parameter(plan.weight_name)
+        hessian = ctx.hessians[plan.name]
         try:
             quantized = gptq_quantize(
-                weight, hessian.to(weight.device), plan.spec.weight_bits, plan.spec.weight_group_size,
-                clip_search=plan.spec.clip_search, damping=options.gptq_damping,
-                block_size=options.gptq_block_size, act_order=options.gptq_act_order,
+                weight, hessian.to(weight.device), plan.weight.bits, plan.weight.group_size,
+                clip_search=plan.weight.clip_search, damping=options.damping,
+                block_size=options.block_size, act_order=options.act_order,
             )
         except (RuntimeError, ValueError) as error:  # torch.linalg raises RuntimeError subclasses
-            raise ValueError(f"layer {name}: GPTQ failed: {error}") from error
-        owner = gm.get_submodule(name)
-        owner.register_buffer("qweight", quantized.qweight)
-        owner.register_buffer("weight_scale", quantized.scale)
-        plan.notes.append(f"GPTQ (damping {options.gptq_damping:g}, block {options.gptq_block_size})")
+            raise ValueError(f"layer {plan.name}: GPTQ failed: {error}") from error
+        plan.weight.set_rounded(quantized.qweight, quantized.scale, "gptq")
+        plan.notes.append(f"GPTQ (damping {options.damping:g}, block {options.block_size})")

@@ -10,29 +10,21 @@ from dqcompile.quant import compute_qparams
 
 
 def static_activation_params(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: ctx.input_stats for every quantized layer whose activation mode is static_tensor.
+    """Needs: ctx.input_stats of every quantized layer whose activation plan is "static" and still
+    has no tensors (a method may have set them already: TQ-DiT's time groups).
 
-    Guarantees: each such layer's module (placeholders when ctx.restoring) holds buffers `input_scale` (float32 [1]) and
-    `input_zero` (int32 [1]) covering the range seen over all calibration timesteps.
+    Guarantees: each such plan holds scale (float32 [1]) and zero (int32 [1]) covering the range
+    seen over all calibration timesteps, with the spec's symmetry.
     """
-    for plan in ctx.quantized_layers():
-        if plan.spec.act_mode != "static_tensor" or not plan.spec.act_quantized:
-            continue
-        owner = gm.get_submodule(plan.name)
-        if ctx.restoring:
-            owner.register_buffer("input_scale", torch.ones(1))
-            owner.register_buffer("input_zero", torch.zeros(1, dtype=torch.int32))
+    for plan in ctx.plan.quantized_layers():
+        activations = plan.activations
+        if activations.kind != "static" or activations.tensors:
             continue
         stats = ctx.input_stats.get(plan.name)
         if not stats:
             raise ValueError(f"layer {plan.name}: static activation quantization needs calibration statistics")
         low = min(s.minimum.min() for s in stats.values())
         high = max(s.maximum.max() for s in stats.values())
-        qparams = compute_qparams(
-            torch.stack([low, high]).float(),
-            plan.spec.act_bits,
-            symmetric=plan.spec.act_symmetric,
-            granularity="tensor",
-        )
-        owner.register_buffer("input_scale", qparams.scale.reshape(1).float())
-        owner.register_buffer("input_zero", qparams.zero.reshape(1).to(torch.int32))
+        qparams = compute_qparams(torch.stack([low, high]).float(), activations.bits,
+                                  symmetric=activations.symmetric, granularity="tensor")
+        activations.set_tensors(scale=qparams.scale.reshape(1).float(), zero=qparams.zero.reshape(1).to(torch.int32))

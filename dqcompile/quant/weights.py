@@ -101,3 +101,14 @@ def _search_clip(w: Tensor, rtn: QParams, granularity: str) -> QParams:
         best_scale = torch.where(better, qp.scale, best_scale)
         best_error = torch.where(better, error, best_error)
     return QParams(scale=best_scale, zero=rtn.zero, bits=rtn.bits, symmetric=True, group_size=rtn.group_size)
+
+
+def weight_group_sums(qweight: Tensor, bits: int, group_size: int) -> Tensor:
+    """wsum[n, g] = sum of the weight codes of output n in input group g, int32 [N, G].
+
+    The zero-point term of an integer linear with asymmetric activations needs it (x_zero * wsum);
+    it depends on the weight alone, so the lowering computes it once per layer.
+    """
+    codes = unpack_int4(qweight) if bits == PACKED_BITS else qweight
+    n, k = codes.shape
+    return codes.reshape(n, num_groups(k, group_size), -1).sum(dim=-1, dtype=torch.int32)

@@ -15,7 +15,7 @@ from torch import nn
 import dqcompile
 from dqcompile.capture import capture
 from dqcompile.sampling import make_scheduler, sample
-from dqcompile.passes.find_adaln_pairs import find_adaln_pairs
+from dqcompile.methods.ptq4dit import find_adaln_pairs
 from dqcompile.viz.browser import page_url, screenshot
 from dqcompile.viz.errors import ErrorMode, format_layer_errors, layer_errors
 from dqcompile.viz.render import RenderedFiles, render

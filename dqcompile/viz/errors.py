@@ -16,7 +16,8 @@ measured on both calls).
 Folds. A method that folds a balancing vector b into the weights leaves what the model computes
 unchanged, but not always what each layer outputs. PTQ4DiT's adaLN folds keep every quantized layer's
 output (the adaLN linear, float, takes the 1/b; the consumers' columns take b). Its V -> output
-projection fold (ptq4dit.balance_out_proj) divides the V layer's output channels by b: that layer is
+projection fold (options.balance_out_proj) divides the V layer's output channels by b (the plan's
+rescaled_for says so): that layer is
 not compared with the float model (its LayerError is marked not measured, with the reason), and in
 isolated mode its own output flows on, so the output projection sees balanced inputs, and its error
 includes the V layer's (its note says so).
@@ -39,7 +40,6 @@ from tqdm.auto import tqdm
 
 from dqcompile.capture import CallBinding, Captured, capture
 from dqcompile.model import QuantizedModel
-from dqcompile.passes.find_adaln_pairs import AttentionPair, find_adaln_pairs
 from dqcompile.viz.graph import FLOAT, layer_output_nodes, layer_precision
 
 ErrorMode = Literal["isolated", "accumulated"]
@@ -126,20 +126,13 @@ def _call_index(outputs: Mapping[str, list[Node]]) -> dict[Node, tuple[str, int]
     return {node: (name, call) for name, nodes in outputs.items() for call, node in enumerate(nodes)}
 
 
-def _rescaled_values(captured: Captured, qmodel: QuantizedModel, quantized: set[str]) -> dict[str, tuple[str, ...]]:
-    """V layer -> output projections, for the attention pairs whose V rows PTQ4DiT's fold divided.
-
-    The pairs are those analyze_balance_pairs chooses: with ptq4dit.balance_out_proj, each attention
-    pair with a quantized output projection.
-    """
-    spec = qmodel.spec
-    if spec.method != "ptq4dit" or not spec.ptq4dit.balance_out_proj:
-        return {}
+def _rescaled_values(qmodel: QuantizedModel, quantized: set[str]) -> dict[str, tuple[str, ...]]:
+    """V layer -> output projections, for the layers whose output channels a fold divided (the plan's
+    rescaled_for, set by PTQ4DiT's V -> output projection fold) where an output projection is quantized."""
     return {
-        value: pair.outputs
-        for pair in find_adaln_pairs(captured)
-        if isinstance(pair, AttentionPair) and any(name in quantized for name in pair.outputs)
-        for value in pair.values
+        name: layer.rescaled_for
+        for name, layer in qmodel.plan.layers.items()
+        if layer.rescaled_for and any(output in quantized for output in layer.rescaled_for)
     }
 
 
@@ -176,7 +169,7 @@ def layer_errors(
                 f"layer {name}: the quantized graph calls it {len(nodes)} time(s), the float model {fp_calls}; "
                 "pass the float model the quantized model was made from"
             )
-    rescaled = _rescaled_values(captured, qmodel, set(quantized))
+    rescaled = _rescaled_values(qmodel, set(quantized))
     notes = {name: "output channels divided by the V -> output projection balancing: not comparable with the float model"
              for name in rescaled}
     if mode == "isolated":

@@ -10,8 +10,8 @@ Both renderers (the HTML page and the DOT file) draw a `GraphView`; nothing else
   return_dict, are left out.
 - Layers are the linear layers: nodes tagged `meta["dqcompile"]["layer"]` (annotated or lowered graphs)
   and aten.linear nodes on a parameter (a plain captured graph), named by the weight's module path.
-- A layer's precision is read from the ops that compute it (weight bits and scale shape, the activation
-  quantizer's mode and group size), so the view shows what the graph really runs.
+- A layer's precision is read from the plan its lowered nodes carry (meta["dqcompile"]["plan"]), the
+  same object the lowering emitted the ops from, so the view shows what the graph really runs.
 """
 
 from __future__ import annotations
@@ -23,22 +23,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch.fx import GraphModule, Node
 
 import dqcompile.backends.ops  # noqa: F401  (registers torch.ops.dqcompile, which the lowered graph calls)
-from dqcompile.passes.annotate_linears import LINEAR
+from dqcompile.graph import is_linear
+from dqcompile.methods.ptq4dit import AdaLNPair, AttentionPair
 from dqcompile.passes.context import META_KEY
-from dqcompile.passes.find_adaln_pairs import AdaLNPair, AttentionPair
+from dqcompile.plan import LayerPlan
 
 if TYPE_CHECKING:
     from dqcompile.viz.errors import LayerError
-
-OPS = torch.ops.dqcompile
-INT_LINEAR = OPS.int_linear.default
-WEIGHT_ONLY_LINEAR = OPS.weight_only_linear.default
-# The ops that multiply a layer's weight: one per call of the layer (two for MRQ's two regions).
-PRODUCT_OPS = (INT_LINEAR, WEIGHT_ONLY_LINEAR, LINEAR)
 
 FLOAT = "float"
 FLOAT_COLOR = "#c9ced6"
@@ -171,18 +165,14 @@ def layer_of(node: Node) -> str | None:
     layer = node.meta.get(META_KEY, {}).get("layer")
     if layer is not None:
         return layer
-    if node.op == "call_function" and node.target == LINEAR and isinstance(node.args[1], Node):
-        weight = node.args[1]
-        if weight.op == "get_attr":
-            return weight.target.removesuffix(".weight")
-    return None
+    return node.args[1].target.removesuffix(".weight") if is_linear(node) else None
 
 
 def layer_output_nodes(gm: GraphModule) -> dict[str, list[Node]]:
     """Layer name -> the nodes whose values leave the layer (one per call), in graph order.
 
-    That is the linear op itself in a captured graph or after lower_linears, and whatever a later pass
-    made the last op of the layer (the add of MRQ's two products, a dtype cast).
+    That is the linear op itself in a captured graph, and in a lowered one the last op the lowering
+    emitted for the layer (the integer linear, MRQ's add of two products, a dtype cast).
     """
     outputs: dict[str, list[Node]] = {}
     for node in gm.graph.nodes:
@@ -192,72 +182,47 @@ def layer_output_nodes(gm: GraphModule) -> dict[str, list[Node]]:
     return outputs
 
 
-def _product(output: Node) -> Node:
-    """The op multiplying the weight that `output` (a layer's output node) comes from."""
-    layer, frontier, seen = layer_of(output), [output], set()
-    while frontier:
-        node = frontier.pop()
-        if node.target in PRODUCT_OPS:
-            return node
-        seen.add(node)
-        frontier += [i for i in node.all_input_nodes if i not in seen and layer_of(i) == layer]
-    raise ValueError(f"layer {layer}: node {output.name} does not come from a linear op")
+def layer_plan(node: Node) -> LayerPlan | None:
+    """The plan a lowered node was emitted from (None in a float graph)."""
+    plan = node.meta.get(META_KEY, {}).get("plan")
+    return plan if isinstance(plan, LayerPlan) else None
 
 
-def _attr(gm: GraphModule, node: Node) -> torch.Tensor:
-    owner, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+def _weights_label(plan: LayerPlan) -> str:
+    group = plan.weight.group_size
+    return f"int{plan.weight.bits} {f'group {group}' if group else 'per channel'}"
 
 
-def _weights(gm: GraphModule, product: Node) -> tuple[str, tuple[int, int]]:
-    """(weight description, (out_features, in_features)) of a linear op."""
-    if product.target == LINEAR:
-        out_features, in_features = _attr(gm, product.args[1]).shape
-        return FLOAT, (int(out_features), int(in_features))
-    if product.target == INT_LINEAR:
-        qweight, weight_scale, bits, group_size = product.args[3], product.args[4], product.args[6], product.args[7]
-    else:
-        qweight, weight_scale, bits, group_size = product.args[1], product.args[2], product.args[4], product.args[5]
-    out_features, stored = _attr(gm, qweight).shape
-    in_features = stored * 2 if bits == 4 else stored  # int4: two columns a byte
-    groups = _attr(gm, weight_scale).shape[-1]
-    # One group as wide as the layer is per channel, but say "group K" as the spec did.
-    group = in_features // groups if groups > 1 else (group_size if group_size == in_features else 0)
-    return f"int{bits} {f'group {group}' if group else 'per channel'}", (int(out_features), int(in_features))
-
-
-def _is_table_read(node: Node) -> bool:
-    """Whether a scale argument is a buffer read as it is (one value per tensor), not picked per time group."""
-    return node.op == "get_attr"
-
-
-def _activations(product: Node) -> str:
-    """How the activations entering a linear op are quantized, read off the quantizer that made them."""
-    if product.target != INT_LINEAR:
-        return FLOAT
-    producer = product.args[0]
-    if producer.target == operator.getitem:
-        producer = producer.args[0]
-    target, args = producer.target, producer.args
-    if target in (OPS.quantize_act.default, OPS.quantize_act_per_sample.default, OPS.ln_modulate_quantize.default):
-        bits, group_size = (args[6], args[7]) if target == OPS.ln_modulate_quantize.default else (args[1], args[2])
-        if target == OPS.quantize_act_per_sample.default:
-            return f"int{bits} dynamic per sample, group {group_size}"
-        return f"int{bits} dynamic group {group_size}" if group_size else f"int{bits} dynamic per token"
-    if target == OPS.quantize_act_static.default:
-        per = "per tensor" if _is_table_read(args[1]) else "per time group"
-        return f"int{args[3]} static {per}"
-    if target == OPS.quantize_act_mrq.default:
-        per = "per tensor" if _is_table_read(args[1]) else "per time group"
-        return f"int{args[3]} two-region (MRQ) {per}"
-    # A quantizer this module does not know yet: name it rather than guess.
-    return f"quantized by {target}"
+def _activations_label(plan: LayerPlan) -> str:
+    act = plan.activations
+    per = "per time group" if act.time_grouped else "per tensor"
+    return {
+        "float": FLOAT,
+        "dynamic_token": f"int{act.bits} dynamic per token",
+        "dynamic_group": f"int{act.bits} dynamic group {act.group_size}",
+        "dynamic_sample_group": f"int{act.bits} dynamic per sample, group {act.group_size}",
+        "static": f"int{act.bits} static {per}",
+        "two_region": f"int{act.bits} two-region (MRQ) {per}",
+    }[act.kind]
 
 
 def layer_precision(gm: GraphModule, output: Node) -> LayerPrecision:
     """The precision of the layer whose output node is `output` (see layer_output_nodes)."""
-    product = _product(output)
-    return LayerPrecision(_weights(gm, product)[0], _activations(product))
+    plan = layer_plan(output)
+    if plan is None:
+        return LayerPrecision(FLOAT, FLOAT)
+    return LayerPrecision(_weights_label(plan), _activations_label(plan))
+
+
+def layer_shape(gm: GraphModule, output: Node) -> tuple[int, int]:
+    """(out_features, in_features) of the layer whose output node is `output`."""
+    plan = layer_plan(output)
+    if plan is not None:
+        return plan.out_features, plan.in_features
+    weight = output.args[1]
+    owner, _, name = weight.target.rpartition(".")
+    out_features, in_features = getattr(gm.get_submodule(owner) if owner else gm, name).shape
+    return int(out_features), int(in_features)
 
 
 def _module_chain(node: Node) -> list[tuple[str, str]]:
@@ -363,7 +328,7 @@ def build_graph_view(
             name=name,
             module=nodes[node_ids[calls[0]]].module,
             precision=precision_index[precisions[name]],
-            shape=_weights(gm, _product(calls[0]))[1],
+            shape=layer_shape(gm, calls[0]),
             calls=len(calls),
             note=notes.get(name, ""),
         )

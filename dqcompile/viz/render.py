@@ -75,7 +75,7 @@ def render(
     .svg when Graphviz is installed.
 
     errors: from dqcompile.viz.layer_errors; shown as each layer's SQNR (heat scale, tables).
-    pairs: salience-balancing pairs, e.g. dqcompile.passes.find_adaln_pairs.find_adaln_pairs(model)
+    pairs: salience-balancing pairs, e.g. dqcompile.find_adaln_pairs(model)
         (or mappings with "source" and "consumers" layer names), drawn as links from the adaLN linear
         to the layers it modulates, and from value projections to output projections.
     """

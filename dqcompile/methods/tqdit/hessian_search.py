@@ -24,8 +24,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from dqcompile.passes.context import PassContext
-from dqcompile.passes.tqdit_common import (
+from dqcompile.methods.tqdit.common import (
     GROUPS,
     LINEAR_TABLES,
     STATISTICS,
@@ -36,6 +35,7 @@ from dqcompile.passes.tqdit_common import (
     UniformTables,
     peak_memory_mib,
 )
+from dqcompile.passes.context import PassContext
 from dqcompile.quant import QParams, compute_qparams, dequantize, pack_int4, quantize
 from dqcompile.quant.mrq import fake_quantize_mrq
 
@@ -194,17 +194,17 @@ def _group_rows(rows: LayerRows) -> list[tuple[Tensor, Tensor] | None]:
 
 
 def hessian_search(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: time_group_params and collect_tqdit_statistics. Acts when spec.tqdit.hessian, unless restoring.
+    """Needs: time_group_params and collect_tqdit_statistics. Acts when options.hessian.
 
-    Guarantees: every quantized layer with recorded rows holds buffers `qweight` and `weight_scale`
-    quantized with the searched per-channel steps (quantize_weights keeps them), and its tables in
-    ctx.annotations["tqdit.linear_tables"] hold the searched activation steps (groups past the real
-    ones repeat the last real group). Each layer's plan notes its Fisher-weighted error before and
-    after; gm.meta["tqdit"] adds the search time, the grid size, the errors and the peak memory.
-    ctx.annotations["tqdit.statistics"] is released. The graph is not changed.
+    Guarantees: every quantized layer with recorded rows has its weight plan rounded with the
+    searched per-channel steps, and its tables in ctx.annotations["tqdit.linear_tables"] hold the
+    searched activation steps (groups past the real ones repeat the last real group). Each layer's
+    plan notes its Fisher-weighted error before and after; ctx.plan.summary["tqdit"] adds the search
+    time, the grid size, the errors and the peak memory. ctx.annotations["tqdit.statistics"] is
+    released. The graph is not changed.
     """
-    options = ctx.spec.tqdit
-    if ctx.restoring or not options.hessian:
+    options = ctx.spec.options
+    if not options.hessian:
         return
     start_time = time.perf_counter()
     statistics = ctx.annotations.pop(STATISTICS)  # its rows are not needed after the search
@@ -212,27 +212,28 @@ def hessian_search(gm: GraphModule, ctx: PassContext) -> None:
     tables = ctx.annotations.get(LINEAR_TABLES, {})
     grid = candidate_grid(options.hessian_candidates)
     errors: dict[str, tuple[float, float]] = {}
-    for plan in tqdm(ctx.quantized_layers(), desc="tqdit hessian search", disable=not ctx.progress, leave=False):
+    for plan in tqdm(ctx.plan.quantized_layers(), desc="tqdit hessian search", disable=not ctx.progress, leave=False):
         layer_rows = statistics.linears.get(plan.name)
         rows = _group_rows(layer_rows) if layer_rows is not None else []
         if not any(rows):
             plan.notes.append("HO skipped: no loss gradient reaches this layer")
             continue
         weight = gm.get_parameter(plan.weight_name).detach()
-        layer_tables = tables.get(plan.name) if plan.spec.act_quantized else None
+        layer_tables = tables.get(plan.name) if plan.activations.quantized else None
         found = search_layer(
-            weight, plan.spec.weight_bits, plan.spec.weight_group_size, layer_tables,
-            plan.spec.act_bits, rows, grid, options.hessian_rounds,
+            weight, plan.weight.bits, plan.weight.group_size, layer_tables,
+            plan.activations.bits, rows, grid, options.hessian_rounds,
         )
         if found.tables is not None:
             tables[plan.name] = _repeat_last_real(found.tables, groups)
-        _register_weight(gm, plan.name, weight, found.weight_scale, plan.spec.weight_bits, plan.spec.weight_group_size)
+        qweight = _rounded(weight, found.weight_scale, plan.weight.bits, plan.weight.group_size)
+        plan.weight.set_rounded(qweight, found.weight_scale, "hessian search")
         errors[plan.name] = (found.error_before, found.error_after)
         change = 100 * (found.error_after / found.error_before - 1) if found.error_before else 0.0
         plan.notes.append(
             f"HO: Fisher-weighted error {found.error_before:.3g} -> {found.error_after:.3g} ({change:+.0f}%)"
         )
-    summary = gm.meta.setdefault(SUMMARY, {})
+    summary = ctx.plan.summary.setdefault(SUMMARY, {})
     peak, peak_kind = peak_memory_mib(next(gm.parameters()).device)
     summary.update(
         hessian_seconds=time.perf_counter() - start_time,
@@ -249,10 +250,9 @@ def _repeat_last_real(tables: UniformTables | TwoRegionTables, groups: TimeGroup
     return type(tables)(*(t[source] for t in vars(tables).values()))
 
 
-def _register_weight(gm: GraphModule, layer: str, weight: Tensor, scale: Tensor, bits: int, group_size: int) -> None:
+def _rounded(weight: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
+    """The weight's codes with the searched steps (packed for 4 bits)."""
     qparams = QParams(scale=scale, zero=torch.zeros_like(scale, dtype=torch.int32), bits=bits, symmetric=True,
                       group_size=group_size)
     codes = quantize(weight.float(), qparams)
-    owner = gm.get_submodule(layer)
-    owner.register_buffer("qweight", pack_int4(codes) if bits == 4 else codes)
-    owner.register_buffer("weight_scale", scale.float().contiguous())
+    return pack_int4(codes) if bits == 4 else codes

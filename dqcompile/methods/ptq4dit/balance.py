@@ -1,5 +1,5 @@
-"""Pass: PTQ4DiT's balancing vectors, by channel-wise salience balancing (CSB) and, optionally,
-Spearman-guided salience calibration over timesteps (SSC). METHODS.md gives the formulas:
+"""PTQ4DiT's balancing vectors, by channel-wise salience balancing (CSB) and, optionally,
+Spearman-guided salience calibration over timesteps (SSC); docs/methods.md gives the derivation:
 
     s(X_j) = max over tokens |X[:, j]|            (activation salience of input channel j)
     s(W_j) = max over output rows |W[:, j]|       (weight salience)
@@ -22,11 +22,13 @@ import torch
 from scipy.stats import ConstantInputWarning, spearmanr
 from torch.fx import GraphModule
 
-from dqcompile.passes.context import ChannelStats, PassContext
-from dqcompile.passes.find_adaln_pairs import AdaLNPair, BalancePair, balanced_layers, iter_pairs
+from dqcompile.calib.probes import ChannelStats
+from dqcompile.methods.ptq4dit.pairs import AdaLNPair, AttentionPair, BalancePair, balanced_layers, pairs_in_graph
+from dqcompile.passes.context import PassContext
 
-# Where this pass leaves its results, keyed by the pair's graph node (AdaLNPair.output, AttentionPair.attention).
-ANNOTATION = "salience_balance"
+# ctx.annotations keys of the PTQ4DiT passes.
+PAIRS = "ptq4dit.pairs"  # list[BalancePair], find_balance_pairs
+BALANCES = "ptq4dit.balances"  # dict[str, Balance] by pair_key, salience_balance
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Balance:
 
 
 def pair_key(pair: BalancePair) -> str:
-    """The graph node that names a pair in the annotations."""
+    """The graph node that names a pair (its modulated output, or its attention)."""
     return pair.output if isinstance(pair, AdaLNPair) else pair.attention
 
 
@@ -86,31 +88,45 @@ def balancing_vector(x_salience: torch.Tensor, w_salience: torch.Tensor) -> torc
     return vector.float()
 
 
-def salience_balance(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: analyze_balance_pairs, and calibration statistics (ctx.input_stats, per timestep) of
-    every balanced layer.
+def find_balance_pairs(gm: GraphModule, ctx: PassContext) -> None:
+    """Needs: plan_layers. Guarantees: ctx.annotations[PAIRS] lists the pairs to balance: every
+    AdaLNPair with a quantized consumer, and (options.balance_out_proj) every AttentionPair with a
+    quantized output projection; their balanced layers are in ctx.observe, so that calibration
+    records their inputs per timestep. The graph is not changed.
+    """
+    chosen: list[BalancePair] = []
+    layers = ctx.plan.layers
+    for pair in pairs_in_graph(gm):
+        if isinstance(pair, AttentionPair) and not ctx.spec.options.balance_out_proj:
+            continue
+        balanced = balanced_layers(pair)
+        if any(name in layers and layers[name].quantized for name in balanced):
+            chosen.append(pair)
+            ctx.observe |= set(balanced)
+    ctx.annotations[PAIRS] = chosen
 
-    Guarantees: ctx.annotations[ANNOTATION][pair_key(pair)] is the pair's Balance, computed with
-    CSB + SSC (spec.ptq4dit.ssc) or CSB alone (saliences over all calibration data). When
-    ctx.restoring the vectors are ones (the saved weights already hold the fold). Neither the graph
+
+def salience_balance(gm: GraphModule, ctx: PassContext) -> None:
+    """Needs: find_balance_pairs and a calibration run (ctx.input_stats, per timestep, of every
+    balanced layer).
+
+    Guarantees: ctx.annotations[BALANCES][pair_key(pair)] is each pair's Balance, computed with
+    CSB + SSC (options.ssc) or CSB alone (saliences over all calibration data). Neither the graph
     nor any parameter is changed.
     """
     results: dict[str, Balance] = {}
-    for pair in iter_pairs(ctx):
+    for pair in ctx.annotations[PAIRS]:
         layers = balanced_layers(pair)
-        w_salience = weight_salience([gm.get_parameter(ctx.layers[name].weight_name) for name in layers])
-        if ctx.restoring:
-            results[pair_key(pair)] = Balance(torch.ones_like(w_salience), {}, {})
-            continue
+        w_salience = weight_salience([gm.get_parameter(ctx.plan.layers[name].weight_name) for name in layers])
         missing = [name for name in layers if not ctx.input_stats.get(name)]
         if missing:
             raise ValueError(f"PTQ4DiT balancing of {', '.join(layers)} needs calibration statistics of {missing[0]}")
         per_t = activation_salience([ctx.input_stats[name] for name in layers])
-        if ctx.spec.ptq4dit.ssc:
+        if ctx.spec.options.ssc:
             rho, eta = spearman_weights(per_t, w_salience)
             x_salience = sum(eta[t] * salience for t, salience in per_t.items())
         else:
             rho, eta = {}, {}
             x_salience = torch.stack(list(per_t.values())).amax(dim=0)
         results[pair_key(pair)] = Balance(balancing_vector(x_salience, w_salience), rho, eta)
-    ctx.annotations[ANNOTATION] = results
+    ctx.annotations[BALANCES] = results

@@ -1,6 +1,6 @@
 """Pass: fold PTQ4DiT's balancing vectors into the weights, so that nothing of them runs at run time.
 
-For a balancing vector b of one pair (METHODS.md):
+For a balancing vector b of one pair (docs/methods.md):
 
 - adaLN pair, h = LN(x) * (1 + scale) + shift with scale and shift rows of the adaLN linear:
       shift rows:  W /= b,  bias /= b
@@ -12,8 +12,9 @@ For a balancing vector b of one pair (METHODS.md):
       table'[shift] = table[shift] / b,   table'[scale] = (1 + table[scale]) / b - 1,
       u[shift] = u[scale] = 1 / b   (u = 1 in the other chunks)
   1 + scale' = (1 + table[scale] + e[scale]) / b and shift' = (table[shift] + e[shift]) / b, exactly.
-  One node replaces one node (the table's unsqueeze goes, u's get_attr comes): the graph has as
-  many nodes as before and no extra kernel (addcmul is the add).
+  The fold records this rewrite in the plan (a GraphEdit holding u); the lowering applies it. One
+  node replaces one node (the table's unsqueeze goes, u's get_attr comes): the graph has as many
+  nodes as before and no extra kernel (addcmul is the add).
 - attention pair: the V rows (weight and bias) are divided by b, the output projections' columns
   multiplied by b; softmax(QK^T) V diag(1/b) = (softmax(QK^T) V) diag(1/b) per head.
 
@@ -26,18 +27,14 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.fx import GraphModule, Node
 
-from dqcompile.passes.context import ChannelStats, PassContext
-from dqcompile.passes.find_adaln_pairs import (
-    AdaLNPair,
-    AttentionPair,
-    _through_transparent,
-    balanced_layers,
-    iter_pairs,
-)
-from dqcompile.passes.salience_balance import ANNOTATION as BALANCES
-from dqcompile.passes.salience_balance import pair_key
+from dqcompile.methods.ptq4dit.adaln_pairs import AdaLNPair
+from dqcompile.methods.ptq4dit.attention_pairs import AttentionPair
+from dqcompile.methods.ptq4dit.balance import BALANCES, PAIRS, pair_key
+from dqcompile.methods.ptq4dit.pairs import balanced_layers
+from dqcompile.passes.context import PassContext
+from dqcompile.plan import GraphEdit
+from torch.fx import GraphModule
 
 # Buffer beside a PixArt scale_shift_table holding u (see the module docstring).
 EMBEDDING_SCALE_SUFFIX = "_embedding_scale"
@@ -72,40 +69,27 @@ def _chunk_rows(pair: AdaLNPair, width: int) -> tuple[slice, slice]:
 
 def _fold_adaln(gm: GraphModule, ctx: PassContext, pair: AdaLNPair, b: torch.Tensor) -> None:
     scale, shift = _chunk_rows(pair, b.numel())
-    plan = ctx.layers[pair.adaln]
+    plan = ctx.plan.layers[pair.adaln]
+    if plan.bias_name is None:
+        raise ValueError(f"PTQ4DiT cannot fold into {pair.adaln}: it has no bias")
     _fold_scale_shift(gm.get_parameter(plan.weight_name), scale, shift, b, offset=False)
     _fold_scale_shift(gm.get_parameter(plan.bias_name), scale, shift, b, offset=True)
 
 
-def _embedding_scale(gm: GraphModule, pair: AdaLNPair) -> torch.Tensor:
-    """u of a PixArt table (see the module docstring): rewrites the table's add the first time."""
-    owner_path, _, leaf = pair.table.rpartition(".")
-    owner = gm.get_submodule(owner_path)
-    name = leaf + EMBEDDING_SCALE_SUFFIX
-    if hasattr(owner, name):
-        return getattr(owner, name)
-    table = getattr(owner, leaf)
-    owner.register_buffer(name, torch.ones_like(table, requires_grad=False))
-    add = next(node for node in gm.graph.nodes if node.name == pair.table_add)
-    table_arg, embedding = add.args[:2] if _through_transparent(add.args[0]).op == "get_attr" else add.args[1::-1]
-    table_node = _through_transparent(table_arg)
-    with gm.graph.inserting_before(add):
-        scale_node = gm.graph.get_attr(f"{pair.table}{EMBEDDING_SCALE_SUFFIX}")
-        # The table has the add's trailing shape, so it broadcasts without the unsqueeze it had.
-        addcmul = gm.graph.call_function(torch.ops.aten.addcmul.default, (table_node, embedding, scale_node))
-    addcmul.meta.update(add.meta)
-    add.replace_all_uses_with(addcmul)
-    gm.graph.erase_node(add)
-    node: Node = table_arg
-    while node is not table_node and not node.users:
-        producer = node.args[0]
-        gm.graph.erase_node(node)
-        node = producer
-    return getattr(owner, name)
+def _embedding_scale(gm: GraphModule, ctx: PassContext, pair: AdaLNPair) -> torch.Tensor:
+    """u of a PixArt table (see the module docstring): one GraphEdit per table, made the first time."""
+    for edit in ctx.plan.edits:
+        if edit.node_name == pair.table_add:
+            return edit.tensor
+    table = operator.attrgetter(pair.table)(gm)
+    edit = GraphEdit(kind="embedding_scale", node_name=pair.table_add, buffer=pair.table + EMBEDDING_SCALE_SUFFIX,
+                     table=pair.table, tensor=torch.ones_like(table, requires_grad=False))
+    ctx.plan.edits.append(edit)
+    return edit.tensor
 
 
-def _fold_table(gm: GraphModule, pair: AdaLNPair, b: torch.Tensor) -> None:
-    u = _embedding_scale(gm, pair)
+def _fold_table(gm: GraphModule, ctx: PassContext, pair: AdaLNPair, b: torch.Tensor) -> None:
+    u = _embedding_scale(gm, ctx, pair)
     table = operator.attrgetter(pair.table)(gm)
     scale, shift = _chunk_rows(pair, b.numel())
     # Flattened, the table's rows are the chunks one after the other, like an adaLN linear's bias.
@@ -116,51 +100,49 @@ def _fold_table(gm: GraphModule, pair: AdaLNPair, b: torch.Tensor) -> None:
 def _fold_values(gm: GraphModule, ctx: PassContext, pair: AttentionPair, b: torch.Tensor) -> None:
     rows = b.numel()
     for name, offset in zip(pair.values, pair.value_row_offsets):
-        plan = ctx.layers[name]
+        plan = ctx.plan.layers[name]
         value_rows = slice(offset, offset + rows)
         _scaled(gm.get_parameter(plan.weight_name)[value_rows], 1 / b.double()[:, None])
         if plan.bias_name is not None:
             _scaled(gm.get_parameter(plan.bias_name)[value_rows], 1 / b.double())
-
-
-def _balanced_stats(stats: dict[float, ChannelStats], b: torch.Tensor) -> dict[float, ChannelStats]:
-    """The statistics of X / b from those of X (b > 0 keeps min and max in place)."""
-    return {
-        t: ChannelStats(absmax=s.absmax / b.to(s.absmax), minimum=s.minimum / b.to(s.minimum),
-                        maximum=s.maximum / b.to(s.maximum), rows=s.rows)
-        for t, s in stats.items()
-    }
+        plan.rescaled_for = pair.outputs
 
 
 def fold_balancing(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: salience_balance (ctx.annotations) and the pairs of analyze_balance_pairs.
+    """Needs: salience_balance (ctx.annotations) and the pairs of find_balance_pairs.
 
     Guarantees: for every pair, its balancing vector b is folded as the module docstring says (in
-    the graph module's own parameters; the user's model is untouched); the graph computes what it
-    computed before, up to float rounding, with no more nodes. The calibration statistics of the
-    balanced layers (ctx.input_stats) now describe their balanced inputs X / b, so static activation
-    parameters come out right; each balanced layer's plan carries a note naming its balancing.
+    the graph module's own parameters; the user's model is untouched; PixArt's table rewrite is a
+    GraphEdit of the plan, which the lowering applies); the lowered graph computes what the float
+    graph computed, up to float rounding. The calibration records of the balanced layers now
+    describe their balanced inputs X / b (ctx.input_stats; ctx.hessians as diag(1/b) H diag(1/b)),
+    so static activation parameters and GPTQ come out right; each balanced layer's plan carries a
+    note naming its balancing, and each V layer whose output channels the fold divided names the
+    output projections that read them (rescaled_for).
     """
-    method = "CSB+SSC" if ctx.spec.ptq4dit.ssc else "CSB"
-    balances = ctx.annotations.get(BALANCES, {})
-    for pair in iter_pairs(ctx):
+    method = "CSB+SSC" if ctx.spec.options.ssc else "CSB"
+    balances = ctx.annotations[BALANCES]
+    layers = ctx.plan.layers
+    for pair in ctx.annotations[PAIRS]:
         b = balances[pair_key(pair)].vector
         if isinstance(pair, AdaLNPair):
             if pair.table is None:
                 _fold_adaln(gm, ctx, pair, b)
                 source = f"{pair.adaln} (scale chunk {pair.scale_chunk}, shift chunk {pair.shift_chunk})"
             else:
-                _fold_table(gm, pair, b)
+                _fold_table(gm, ctx, pair, b)
                 source = f"{pair.table} (rows {pair.scale_chunk}, {pair.shift_chunk}) and {pair.adaln}"
         else:
             _fold_values(gm, ctx, pair, b)
             source = f"the V rows of {', '.join(pair.values)}"
             for name in pair.values:
-                ctx.layers[name].notes.append(f"V rows carry the {method} balancing of {', '.join(pair.outputs)}")
+                layers[name].notes.append(f"V rows carry the {method} balancing of {', '.join(pair.outputs)}")
         for name in balanced_layers(pair):
-            plan = ctx.layers[name]
+            plan = layers[name]
             _scaled(gm.get_parameter(plan.weight_name), b[None, :])
             if name in ctx.input_stats:
-                ctx.input_stats[name] = _balanced_stats(ctx.input_stats[name], b)
+                ctx.input_stats[name] = {t: s.scaled(b) for t, s in ctx.input_stats[name].items()}
+            if name in ctx.hessians:
+                inverse = (1 / b.double()).to(ctx.hessians[name].device)
+                ctx.hessians[name] = (ctx.hessians[name].double() * inverse[:, None] * inverse[None, :]).float()
             plan.notes.append(f"{method} balanced with {source}")
-    gm.recompile()

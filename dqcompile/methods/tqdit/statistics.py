@@ -1,6 +1,7 @@
-"""Pass: run the float graph again over the calibration inputs and gather what TQ-DiT's searches need.
+"""Pass: run the float graph again over the calibration samples and gather what TQ-DiT's searches need.
 
-Two runs per calibration call, node by node (torch.fx.Interpreter, so the graph itself is not touched):
+Two runs per calibration call, node by node, through the calibration runner's probes (the graph
+itself is not touched):
 1. as recorded, without gradients: per-head max |.| of each attention's Q, K and V, and a few batch
    rows of them for the post-softmax split search (time_group_params);
 2. with HO only, the denoising loss with gradients. The call's input x_t came from the float model's
@@ -9,7 +10,7 @@ Two runs per calibration call, node by node (torch.fx.Interpreter, so the graph 
    is the same x0 estimate noised with eps instead (sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps), so
    L = ||eps_theta(x_t') - eps||^2 is the model's training loss at a point where its target is known,
    and dL/dO at each linear's output O is not zero (against eps_fp as the target it would be: the
-   float model is at the optimum of its own output, the defect METHODS.md notes in the public code).
+   float model is at the optimum of its own output, the defect of the public code, docs/methods.md).
    Rows of each quantized linear's input X and of g = dL/dO are kept for hessian_search.
 """
 
@@ -19,30 +20,30 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx import GraphModule, Interpreter, Node
-from torch.fx._pytree import tree_flatten_spec
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from dqcompile.passes.context import META_KEY, PassContext
-from dqcompile.passes.tqdit_common import (
+from dqcompile.calib.probes import CalibrationCall
+from dqcompile.calib.runner import run_graph, timestep_key
+from dqcompile.methods.tqdit.common import (
     GROUPS,
-    RECORDED,
     STATISTICS,
     SUMMARY,
     AttentionSamples,
     LayerRows,
-    RecordedInputs,
     TimeGroups,
     TQDiTStatistics,
     peak_memory_mib,
     quantized_sites,
+    statistics_needed,
 )
-from dqcompile.spec import TQDiTOptions
+from dqcompile.passes.context import PassContext
 
 # Batch rows of Q, K, V kept per attention and time group for the softmax split search: the first and
 # the last row of each call (under classifier-free guidance, a conditional and an unconditional one).
@@ -53,30 +54,23 @@ ROW_SEED = 0
 Callback = Callable[[tuple, Any], None]
 
 
-class _RecordingInterpreter(Interpreter):
-    """Runs the graph node by node and hands chosen nodes' operands and result to a callback."""
+@dataclass
+class _NodeProbe:
+    """A probe (dqcompile.calib.probes) that hands a node's arguments and result to a callback."""
 
-    def __init__(self, gm: GraphModule, callbacks: dict[str, Callback]) -> None:
-        super().__init__(gm)
-        self.callbacks = callbacks
+    node_name: str
+    callback: Callback
 
-    def run_node(self, node: Node) -> Any:
-        result = super().run_node(node)
-        callback = self.callbacks.get(node.name)
-        if callback is not None:
-            args, _ = self.fetch_args_kwargs_from_env(node)
-            callback(args, result)
-        return result
+    def __call__(self, call: CalibrationCall, args: tuple, result: Any) -> None:
+        self.callback(args, result)
 
 
 def _run(gm: GraphModule, inputs: dict[str, Any], callbacks: dict[str, Callback]) -> Tensor:
-    """The graph's first output for keyword inputs (flattened as gm's own forward does)."""
-    flat = tree_flatten_spec(((), inputs), gm._in_spec)
-    output = _RecordingInterpreter(gm, callbacks).run(*flat, enable_io_processing=False)
-    return output[0] if isinstance(output, (tuple, list)) else output
+    """The graph's first output for keyword graph inputs, with the callbacks as probes."""
+    return run_graph(gm, inputs, [_NodeProbe(name, callback) for name, callback in callbacks.items()])
 
 
-def noise_levels(options: TQDiTOptions) -> Tensor:
+def noise_levels(options: Any) -> Tensor:
     """sqrt(1 - abar_t) for t = 0 .. T - 1 of the spec's noise schedule (float32 [T])."""
     from diffusers import DDPMScheduler
 
@@ -105,32 +99,30 @@ def _noisy_sample(inputs: dict[str, Any], prediction: Tensor) -> str:
 
 
 def collect_tqdit_statistics(gm: GraphModule, ctx: PassContext) -> None:
-    """Needs: record_calibration_inputs and a calibration run, assign_time_groups, annotate_attention.
-    Acts when inputs were recorded (method "tqdit" with quantized attention or HO, not restoring).
+    """Needs: the calibration run, assign_time_groups, find_attention_sites. Acts with quantized
+    attention or HO (statistics_needed).
 
-    Guarantees: the recording hook is removed and the recorded inputs released;
-    ctx.annotations["tqdit.statistics"] holds, per time group, each quantized attention's per-head
-    max |Q|, |K|, |V| and up to ATTENTION_SEARCH_ROWS batch rows of them, and with spec.tqdit.hessian
-    up to spec.tqdit.hessian_rows rows of every quantized linear's input with the denoising loss's
-    gradient at its output (see the module docstring). gm.meta["tqdit"] records the number of
-    calibration calls and rows, the time taken and the peak memory. The graph is not changed.
+    Guarantees: ctx.annotations["tqdit.statistics"] holds, per time group, each quantized
+    attention's per-head max |Q|, |K|, |V| and up to ATTENTION_SEARCH_ROWS batch rows of them, and
+    with options.hessian up to options.hessian_rows rows of every quantized linear's input with the
+    denoising loss's gradient at its output (see the module docstring). ctx.plan.summary["tqdit"]
+    records the number of calibration calls and rows, the time taken and the peak memory. The graph
+    is not changed.
     """
-    recorded = ctx.annotations.pop(RECORDED, None)
-    if recorded is None:
+    if not statistics_needed(ctx):
         return
-    recorded.handle.remove()
-    if not recorded.calls:
-        raise ValueError("TQ-DiT calibration recorded no call of the model")
+    samples = ctx.require_calibration("TQ-DiT's attention scales and Hessian-guided search")
+    calls = [(timestep_key(sample), ctx.binding.graph_kwargs((), dict(sample))[0]) for sample in samples]
     start = time.perf_counter()
-    options = ctx.spec.tqdit
+    options = ctx.spec.options
     groups: TimeGroups = ctx.annotations[GROUPS]
     statistics = TQDiTStatistics()
     attention_recorders = _attention_recorders(ctx, groups, statistics)
-    linear_recorders = _linear_recorders(gm, ctx, groups, recorded, statistics) if options.hessian else {}
+    linear_recorders = _linear_recorders(ctx, groups, calls, statistics) if options.hessian else {}
     levels = noise_levels(options) if options.hessian else None
     generator = torch.Generator().manual_seed(ROW_SEED)
     total_rows = 0
-    for key, inputs in tqdm(recorded.calls, desc="tqdit statistics", disable=not ctx.progress, leave=False):
+    for key, inputs in tqdm(calls, desc="tqdit statistics", disable=not ctx.progress, leave=False):
         group = groups.index(key)
         with torch.no_grad():
             prediction = _run(gm, inputs, {name: make(group) for name, make in attention_recorders.items()})
@@ -141,8 +133,8 @@ def collect_tqdit_statistics(gm: GraphModule, ctx: PassContext) -> None:
             _denoising_backward(gm, inputs, prediction, sigma, callbacks, generator)
     ctx.annotations[STATISTICS] = statistics
     peak, peak_kind = peak_memory_mib(prediction.device)
-    gm.meta.setdefault(SUMMARY, {}).update(
-        calibration_calls=len(recorded.calls),
+    ctx.plan.summary.setdefault(SUMMARY, {}).update(
+        calibration_calls=len(calls),
         calibration_rows=total_rows,
         timesteps=sum(len(members) for members in groups.members[: groups.real]),
         time_groups=groups.real,
@@ -195,26 +187,20 @@ def _attention_recorders(
 
 
 def _linear_recorders(
-    gm: GraphModule, ctx: PassContext, groups: TimeGroups, recorded: RecordedInputs, statistics: TQDiTStatistics
+    ctx: PassContext, groups: TimeGroups, calls: list[tuple[float, dict[str, Any]]], statistics: TQDiTStatistics
 ) -> dict[str, Callable[[int, torch.Generator], Callback]]:
     """Per linear node of a quantized layer: its recorder for a time group, filling statistics.linears
-    with at most spec.tqdit.hessian_rows rows per layer and group (spread evenly over the group's calls)."""
-    nodes_of: dict[str, list[str]] = {}
-    for node in gm.graph.nodes:
-        layer = node.meta.get(META_KEY, {}).get("layer")
-        plan = ctx.layers.get(layer) if layer else None
-        if plan is not None and plan.quantized and node.op == "call_function":
-            nodes_of.setdefault(layer, []).append(node.name)
-    calls_in_group = Counter(groups.index(key) for key, _ in recorded.calls)
+    with at most options.hessian_rows rows per layer and group (spread evenly over the group's calls)."""
+    calls_in_group = Counter(groups.index(key) for key, _ in calls)
     recorders = {}
-    for layer, node_names in nodes_of.items():
+    for plan in ctx.plan.quantized_layers():
         rows = LayerRows([[] for _ in range(groups.count)], [[] for _ in range(groups.count)])
-        statistics.linears[layer] = rows
+        statistics.linears[plan.name] = rows
         budget = {
-            group: math.ceil(ctx.spec.tqdit.hessian_rows / (calls * len(node_names)))
-            for group, calls in calls_in_group.items()
+            group: math.ceil(ctx.spec.options.hessian_rows / (count * len(plan.node_names)))
+            for group, count in calls_in_group.items()
         }
-        for node_name in node_names:
+        for node_name in plan.node_names:
             recorders[node_name] = _linear_recorder(rows, budget)
     return recorders
 
