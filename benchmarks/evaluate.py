@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import statistics
@@ -368,7 +369,10 @@ class Evaluation:
         return calibration, seconds
 
     def search_plan(self, spec: QuantSpec, row: Row, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from dqcompile import search_group_sizes
+        try:
+            from dqcompile.methods.qdit import search_group_sizes
+        except ImportError:
+            from dqcompile import search_group_sizes
         from dqcompile.fmnist.fitness import FITNESS_BUILDERS
 
         options = {"fitness": "fid", "samples": 256, "steps": settings["steps"], "population": 8, "iterations": 2,
@@ -379,11 +383,15 @@ class Evaluation:
             self.model, samples=options["samples"], steps=options["steps"], guidance_scale=guidance,
             seed=self.args.seeds[0], batch_size=batch_size, scheduler=self.scheduler(settings),
             null_class_id=self.null_class_id)
-        plan, seconds = timed(
-            search_group_sizes, self.model, spec, population=options["population"], iterations=options["iterations"],
-            top_k=options["top_k"], crossover=options["crossover"], mutation=options["mutation"], fitness=fitness,
-            samples=options["samples"], steps=options["steps"], guidance_scale=guidance, seed=self.args.seeds[0],
-            batch_size=batch_size, progress=False)
+        common = dict(population=options["population"], iterations=options["iterations"], top_k=options["top_k"],
+                      crossover=options["crossover"], mutation=options["mutation"], seed=self.args.seeds[0],
+                      progress=False)
+        if "fitness_name" in inspect.signature(search_group_sizes).parameters:  # fitness as an argument
+            plan, seconds = timed(search_group_sizes, self.model, fitness, spec, fitness_name=options["fitness"],
+                                  **common)
+        else:  # the search before it moved into dqcompile.methods.qdit
+            plan, seconds = timed(search_group_sizes, self.model, spec, fitness=fitness, samples=options["samples"],
+                                  steps=options["steps"], guidance_scale=guidance, batch_size=batch_size, **common)
         summary = {"settings": options, "seconds": seconds, "group_sizes": dict(plan.group_sizes),
                    "fitness": plan.fitness, "evaluations": plan.search.get("evaluations")}
         return plan, summary

@@ -22,6 +22,13 @@ from dqcompile.fmnist.classifier import (
     classifier_record,
     load_classifier,
 )
+from dqcompile.fmnist.benchmark import (
+    REFERENCE_OUTPUT_NAME,
+    benchmark_config,
+    benchmark_training_record,
+    load_benchmark_model,
+    reference_inputs,
+)
 from dqcompile.fmnist.dit import NULL_CLASS_ID, embedded_training_record, load_embedded_config, load_embedded_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -86,3 +93,36 @@ def test_classifier_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     accuracy = (logits.argmax(1) == test_labels[:100]).float().mean().item()
     assert accuracy == pytest.approx(record["test_accuracy"], abs=1e-6)
     json.dumps(record)  # plain JSON types only
+
+
+def test_benchmark_arch_trains_resumably_and_writes_bf16_shards(tmp_path: Path) -> None:
+    """The benchmark layout on a tiny config: a run split over two calls under one schedule, resumed from
+    its state, writes loadable bf16 shards, the stored forward and a record of both calls."""
+    from safetensors.torch import load_file
+
+    script = load_script("train_fmnist_dit")
+    out, state = tmp_path / "model", tmp_path / "state"
+    argv = ["--arch", "benchmark", "--config-override", '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}',
+            "--data", DATA_DIR, "--out", str(out), "--state", str(state), "--device", "cpu", "--minutes", "0.01",
+            "--total-minutes", "0.05", "--batch-size", "4", "--grid-steps", "1", "--grid-per-class", "1",
+            "--log-every", "1000"]
+    script.main(argv)
+    first = benchmark_training_record(out)
+    assert first["steps"] >= 1 and not first["finished"] and len(first["calls"]) == 1
+    assert (state / "train_state.pt").is_file()
+    script.main(argv)
+    second = benchmark_training_record(out)
+    assert second["steps"] > first["steps"] and len(second["calls"]) == 2
+    assert second["train_seconds"] > first["train_seconds"] and second["calls"][0] == first["calls"][0]
+
+    config = benchmark_config(out)
+    assert config["model"]["num_layers"] == 1 and config["null_class_id"] == NULL_CLASS_ID
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert shards and all(t.dtype == torch.bfloat16 for shard in shards for t in load_file(shard).values())
+    model = load_benchmark_model(out)
+    with torch.no_grad():
+        output = model(**reference_inputs()).sample
+    assert torch.equal(output, load_file(out / REFERENCE_OUTPUT_NAME)["sample"])
+    assert (out / second["sample_grid"]["file"]).is_file()
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        script.main(argv + ["--lr", "1e-3"])
