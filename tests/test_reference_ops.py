@@ -76,11 +76,21 @@ def test_int_matmul_is_exact_at_the_extremes(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int_mm_path_selection(device: str) -> None:
+def test_int_mm_path_selection(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     large, small = random_int8(32, 64, seed=5, device=device), random_int8(5, 64, seed=6, device=device)
     weight = random_int8(48, 64, seed=7, device=device)
-    assert reference._int_mm_accepts(large, weight)
-    assert reference._int_mm_accepts(small, weight) == (device == "cpu")
+    if device == "cuda":
+        assert reference._int_mm_accepts(large, weight) and not reference._int_mm_accepts(small, weight)
+        return
+    # CPU: wherever it is the faster exact GEMM, except degenerate shapes (a K = 1 call returns garbage).
+    from dqcompile.backends import cpu_path
+
+    monkeypatch.setattr(cpu_path, "int_mm_is_faster", lambda: True)
+    assert reference._int_mm_accepts(large, weight) and reference._int_mm_accepts(small, weight)
+    assert not reference._int_mm_accepts(large[:, :1], weight[:, :1])
+    assert not reference._int_mm_accepts(large[:1], weight) and not reference._int_mm_accepts(large, weight[:1])
+    monkeypatch.setattr(cpu_path, "int_mm_is_faster", lambda: False)
+    assert not reference._int_mm_accepts(large, weight)
 
 
 def test_int_matmul_refuses_bad_input() -> None:

@@ -13,9 +13,10 @@ import math
 import torch
 from torch import Tensor
 
+from dqcompile.backends import cpu_path
 from dqcompile.quant.mrq import mrq_quantize
 from dqcompile.quant.packing import unpack_int4
-from dqcompile.quant.uniform import QParams, compute_qparams, num_groups, quantize
+from dqcompile.quant.uniform import QParams, compute_qparams, num_groups, qrange, quantize
 from dqcompile.quant.weights import QuantizedWeight
 
 # int8 x int8 products are at most 2^14 in magnitude (-128 * -128), so an int32 accumulator is exact for
@@ -28,6 +29,20 @@ MAX_INT_LINEAR_GROUP = 2**16 - 1
 MAX_ATTENTION_KEYS = 2**16 - 1
 # int8 x int8 sums of at most this many products stay within float32's exact integers (2^24).
 FLOAT32_EXACT_K = 2**10
+
+
+def _quantize(x: Tensor, qp: QParams) -> Tensor:
+    """``uniform.quantize(x, qp)``; on the CPU the same operations on blocks of rows (`cpu_path.quantize_rows`)."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return quantize(x, qp)
+    k = x.shape[-1]
+    groups = num_groups(k, qp.group_size)
+    leading = x.shape[:-1]
+    qmin, qmax = qrange(qp.bits, qp.symmetric)
+    rows = x.float().reshape(-1, k)
+    scale = qp.scale.broadcast_to(*leading, groups).reshape(-1, groups)
+    zero = qp.zero.broadcast_to(*leading, groups).reshape(-1, groups)
+    return cpu_path.quantize_rows(rows, scale, zero, groups, qmin, qmax).reshape(x.shape)
 
 
 def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,7 +61,7 @@ def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tupl
     qp = compute_qparams(
         x, bits, symmetric=symmetric, granularity="group" if group_size else "token", group_size=group_size
     )
-    return quantize(x, qp), qp.scale, qp.zero
+    return _quantize(x, qp), qp.scale, qp.zero
 
 
 def quantize_act_per_sample(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,7 +89,7 @@ def quantize_act_per_sample(x: Tensor, bits: int, group_size: int, symmetric: bo
         scale=rows.scale.reshape(shape), zero=rows.zero.reshape(shape), bits=bits, symmetric=symmetric,
         group_size=group_size,
     )
-    return quantize(x, qp), qp.scale, qp.zero
+    return _quantize(x, qp), qp.scale, qp.zero
 
 
 def ln_modulate_quantize(
@@ -135,13 +150,15 @@ def quantize_act_static(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Te
     reached by values below the calibrated -amax, which the symmetric range would clip one step earlier.
     """
     qp = QParams(scale=scale, zero=zero, bits=bits, symmetric=False, group_size=0)
-    return quantize(x, qp)
+    return _quantize(x, qp)
 
 
 def int_matmul(a: Tensor, b: Tensor) -> Tensor:
     """Exact integer matmul: ``a`` int8 ``[M, K]`` x ``b`` int8 ``[N, K]`` -> int32 ``[M, N]``, ``sum_k a[m,k] b[n,k]``.
 
-    Uses ``torch._int_mm`` where its shape rules allow, otherwise an exact float64 matmul.
+    CPU: an exact float GEMM over the codes, or ``torch._int_mm`` where that is faster and safe
+    (`cpu_path.exact_int_matmul`). CUDA: ``torch._int_mm`` where its shape rules allow, otherwise an exact
+    float64 matmul.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
         raise ValueError(
@@ -152,20 +169,24 @@ def int_matmul(a: Tensor, b: Tensor) -> Tensor:
         raise ValueError(f"int_matmul: K differs, a is {tuple(a.shape)} and b is {tuple(b.shape)}")
     if a.shape[1] > MAX_INT_MATMUL_K:
         raise ValueError(f"int_matmul: K = {a.shape[1]} may overflow the int32 accumulator (K <= {MAX_INT_MATMUL_K})")
+    if a.device.type == "cpu":
+        return cpu_path.exact_int_matmul(a, b)
     if _int_mm_accepts(a, b):
         return torch._int_mm(a.contiguous(), b.contiguous().t())
     return _int_matmul_float64(a, b)
 
 
 def _int_mm_accepts(a: Tensor, b: Tensor) -> bool:
-    """Whether ``torch._int_mm(a, b.t())`` runs for these shapes on this device.
+    """Whether ``torch._int_mm(a, b.t())`` runs correctly for these shapes on this device.
 
-    CPU (torch >= 2.11): any shape, empty ones included. CUDA (cuBLASLt): M > 16, K > 0 and a multiple of
-    8, N a multiple of 8 (N > 0 here: nothing to gain from an empty launch). Other devices: never.
+    CPU: none of M, K, N below 2 (`cpu_path.int_mm_accepts`: a K = 1 call silently returns garbage), and
+    then only where it is faster than the exact float GEMM (`cpu_path.int_mm_is_faster`). CUDA
+    (cuBLASLt): M > 16, K > 0 and a multiple of 8, N a multiple of 8 (N > 0 here: nothing to gain from an
+    empty launch). Other devices: never.
     """
     (m, k), n = a.shape, b.shape[0]
     if a.device.type == "cpu":
-        return True
+        return cpu_path.int_mm_accepts(m, k, n) and cpu_path.int_mm_is_faster()
     if a.device.type == "cuda":
         return m > 16 and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0
     return False
@@ -238,6 +259,13 @@ def int_linear(
     rows = qx.reshape(-1, k)
     row_scale = x_scale.broadcast_to(*leading, groups).reshape(-1, groups)
     row_zero = None if x_zero is None else x_zero.broadcast_to(*leading, groups).reshape(-1, groups)
+
+    if qx.device.type == "cpu":
+        if row_zero is not None and w_sum is None:
+            w_sum = weight_group_sums(codes_w, 8, group_size)
+        y = cpu_path.int_linear_rows(rows.contiguous(), row_scale, row_zero, codes_w.contiguous(), w_scale.float(),
+                                     w_sum, bias, groups)
+        return y.to(out_dtype).reshape(*leading, n)
 
     y = torch.zeros(rows.shape[0], n, dtype=torch.float32, device=qx.device)
     for j in range(groups):
