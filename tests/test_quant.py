@@ -200,9 +200,17 @@ def test_every_byte_unpacks_and_packs_back() -> None:
     assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
 
 
-def test_pack_layout_low_nibble_is_the_even_column() -> None:
+def test_pack_layout_halves_of_each_128_column_chunk() -> None:
+    """Byte i of a 128-column chunk: column i low, column 64 + i high; a last chunk of width w splits at w/2."""
     packed = pack_int4(torch.tensor([[1, -1, -8, 7]], dtype=torch.int8))
-    assert packed.tolist() == [[0xF1, 0x78]]
+    assert packed.tolist() == [[0x81, 0x7F]]
+    codes = torch.randint(-8, 8, (3, 128 + 128 + 36), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    wide = pack_int4(codes).to(torch.int16)
+    low, high = ((wide & 0xF) ^ 8) - 8, ((wide >> 4) ^ 8) - 8
+    for start, width in ((0, 128), (128, 128), (256, 36)):
+        chunk = slice(start // 2, (start + width) // 2)
+        assert torch.equal(low[:, chunk].to(torch.int8), codes[:, start:start + width // 2])
+        assert torch.equal(high[:, chunk].to(torch.int8), codes[:, start + width // 2:start + width])
 
 
 def test_pack_refuses_odd_width_and_out_of_range_codes() -> None:

@@ -9,9 +9,13 @@ Two ways these run:
 - CUDA (`cuda` marker, skipped without a GPU): the same checks at DiT-XL/2 shapes.
 
 What is checked: integer accumulators exactly (`triton_int_matmul`, and unit-scale linears whose float32
-output is an exact integer); float outputs within one rounding step of the output dtype; activation codes,
-scales and zero points bit for bit; the fused LayerNorm + modulate + quantize against the unfused
-composition (see `_check_ln_modulate_quantize` for why the comparison has two parts).
+output is an exact integer); float outputs bit for bit equal to the reference backend's (the contract asks
+for one rounding step of the output dtype; the kernels give more); every GEMM code path (TMA or pointer
+loads, swapped operands, persistent programs looping over several tiles, int4 chunks with a partial last
+chunk, grouped int4 in the kernel or unpacked first); activation codes, scales and zero points bit for bit;
+the fused LayerNorm + modulate + quantize against the unfused composition (see `_check_ln_modulate_quantize`
+for why the comparison has two parts); GELU + quantize against aten.gelu then quantize_act; and that the
+launchers trace (make_fx on fake tensors, and torch.compile of a triton_op on CUDA).
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPR
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 if INTERPRETING or HAS_CUDA:
-    from dqcompile.backends.triton import (
+    from dqcompile.backends.triton.gemm import (
         GemmConfig,
-        ln_modulate_quantize,
-        quantize_act,
+        choose_gemm_config,
         triton_int_linear,
         triton_int_matmul,
+        weight_group_sums,
     )
+    from dqcompile.backends.triton.quantize import gelu_quantize, ln_modulate_quantize, quantize_act
 
 
 # ---------------------------------------------------------------- helpers
@@ -72,20 +77,18 @@ def _exact_linear_int64(qx: torch.Tensor, x_zero: torch.Tensor, codes: torch.Ten
     return (acc - x_zero.long().reshape(m, groups)[:, None, :] * wg.sum(-1)[None, :, :]).sum(-1)
 
 
-def _assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to one rounding step of the output dtype: the backend contract.
+def _assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to the reference bit for bit (up to the sign of zero).
 
-    On a GPU the kernel's float32 epilogue is the reference's, operation for operation, so outputs are
-    in fact bit-identical (bench_gemm.py reports it); the Triton interpreter, however, casts float32 to
-    bfloat16 by truncation instead of rounding to nearest, one step off at times.
+    The contract allows one rounding step of the output dtype; the kernel's float32 epilogue repeats the
+    reference's operations in its order, each rounded on its own, and casts once (rounding to nearest also
+    in the interpreter, see jitutils.round_to), so it is exact.
     """
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    eps = torch.finfo(expected.dtype).eps
-    scale = expected.float().abs().amax().clamp_min(1.0)
-    tolerance = 4 * torch.finfo(torch.float32).eps * scale if expected.dtype == torch.float32 else 0.0
-    diff = (actual.float() - expected.float()).abs()
-    bound = eps * expected.float().abs() + tolerance + 1e-30
-    assert bool((diff <= bound).all()), f"max diff {diff.max().item()} beyond one {expected.dtype} rounding step"
+    if not torch.equal(actual, expected):
+        diff = (actual.float() - expected.float()).abs()
+        raise AssertionError(f"{int((actual != expected).sum())} of {actual.numel()} outputs differ from the "
+                             f"reference (max diff {diff.max().item():.3g})")
 
 
 def _check_int_linear(m: int, k: int, n: int, w_bits: int, group_size: int, symmetric: bool,
@@ -99,7 +102,12 @@ def _check_int_linear(m: int, k: int, n: int, w_bits: int, group_size: int, symm
     expected = reference.int_linear(qx, x_scale, x_zero, qw, w_scale, bias, w_bits, group_size, out_dtype)
     actual = triton_int_linear(qx, x_scale, None if symmetric else x_zero, qw, w_scale, bias,
                                w_bits, group_size, out_dtype, config=config)
-    _assert_within_rounding(actual, expected)
+    _assert_bit_identical(actual, expected)
+    if not symmetric:  # the precomputed weight sums give the same
+        w_sum = weight_group_sums(qw, w_bits, group_size)
+        again = triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, w_bits, group_size, out_dtype, w_sum,
+                                  config=config)
+        _assert_bit_identical(again, expected)
 
 
 def _check_int_linear_exact(m: int, k: int, n: int, w_bits: int, group_size: int, device: str,
@@ -165,6 +173,34 @@ def _check_ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None,
     torch.testing.assert_close(x_scale, scale_ref, rtol=1e-5, atol=0)
 
 
+def _check_gelu_quantize(x: torch.Tensor, approximate: str, group_size: int, symmetric: bool, *,
+                         exact_gelu: bool) -> None:
+    """The fused GELU + quantize against quantize_act(aten.gelu(x)).
+
+    Always: the codes, scales and zero points are bit for bit the reference quantization of the kernel's
+    own GELU output, and that output is within one rounding step of x's dtype of aten.gelu. With
+    `exact_gelu` (on a GPU, where the kernel's erf / tanh are CUDA's): the GELU output equals aten's bit
+    for bit, so the codes are exactly those of the unfused ops.
+    """
+    q, x_scale, x_zero, h = gelu_quantize(x, approximate, 8, group_size, symmetric, return_activation=True)
+    h_ref = torch.nn.functional.gelu(x, approximate=approximate).float()
+    q_own, scale_own, zero_own = reference.quantize_act(h, 8, group_size, symmetric)
+    assert torch.equal(q, q_own) and torch.equal(x_scale, scale_own) and torch.equal(x_zero, zero_own)
+    # One rounding step of x's dtype, plus what a few float32 ulps of erf / tanh become in the left tail,
+    # where 1 + erf (1 + tanh) cancels: up to |x| float32 ulps. (The interpreter's erf / tanh are numpy's,
+    # not the CPU aten's; on a GPU `exact_gelu` asks for equality.)
+    finfo = torch.finfo(x.dtype)
+    step = (2 * finfo.eps * torch.maximum(h.abs(), h_ref.abs()) + finfo.eps * finfo.smallest_normal
+            + 8 * torch.finfo(torch.float32).eps * x.float().abs())
+    assert bool(((h - h_ref).abs() <= step).all()), f"max diff {(h - h_ref).abs().max().item()}"
+    if exact_gelu:
+        mismatched = int((h != h_ref).sum())
+        assert mismatched == 0, f"{mismatched} of {h.numel()} GELU outputs differ from aten.gelu"
+        q_ref, scale_ref, zero_ref = reference.quantize_act(torch.nn.functional.gelu(x, approximate=approximate), 8,
+                                                            group_size, symmetric)
+        assert torch.equal(q, q_ref) and torch.equal(x_scale, scale_ref) and torch.equal(x_zero, zero_ref)
+
+
 # ---------------------------------------------------------------- launcher (parent process)
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreter run itself")
@@ -193,13 +229,17 @@ def test_cpu_tensors_without_interpreter_are_refused() -> None:
 
 
 def test_backend_registration() -> None:
-    from dqcompile.backends import get_backend
+    """The launchers fill the "triton" column as triton_ops; ops without a Triton kernel keep the reference."""
+    pytest.importorskip("triton")
+    from dqcompile.backends import kernel, load_backend
 
-    kernels = get_backend("triton")
-    assert kernels.int_linear.__name__ == "triton_int_linear"
-    assert kernels.ln_modulate_quantize.__name__ == "ln_modulate_quantize"
-    assert get_backend("reference").ln_modulate_quantize is reference.ln_modulate_quantize
-    assert kernels.quantize_act_static is reference.quantize_act_static
+    load_backend("triton")
+    for op in ("quantize_act", "ln_modulate_quantize", "gelu_quantize", "int_linear", "int_matmul"):
+        entry = kernel("triton", op)
+        assert entry is not None and entry.kind == "triton_op", op
+    assert kernel("triton", "quantize_act_static") is None
+    assert kernel("triton", "int_linear").takes({"group_size": 128}) and not kernel("triton", "int_linear").takes(
+        {"group_size": 24})
 
 
 # ---------------------------------------------------------------- interpreter tests (tiny shapes)
@@ -252,7 +292,7 @@ def test_interp_int_linear_leading_dims_broadcast_and_small_tiles() -> None:
     for config in (None, SMALL_TILES):
         actual = triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 4, 0, torch.bfloat16, config=config)
         assert actual.shape == (2, 3, 48)
-        _assert_within_rounding(actual, expected)
+        _assert_bit_identical(actual, expected)
     for group_size in (16, 32):
         _check_int_linear(33, 64, 48, 8, group_size, False, torch.float32, "cpu", config=SMALL_TILES)
 
@@ -326,19 +366,192 @@ def test_interp_bad_arguments_raise() -> None:
                              True)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@interp
+@pytest.mark.parametrize("config", [
+    GemmConfig(16, 32, 32, 2, 4, 2, num_programs=3),                        # persistent: tiles per program
+    GemmConfig(32, 16, 64, 2, 4, 2, swap_ab=True, num_programs=3),          # out^T = W X^T
+    GemmConfig(16, 32, 64, 1, 4, 2, tma=True, num_programs=2),              # tensor descriptors
+    GemmConfig(32, 16, 64, 4, 4, 2, tma=True, swap_ab=True, num_programs=5),
+    GemmConfig(64, 64, 64, 2, 4, 2, flatten=False),                         # one tile, one program
+] if INTERPRETING else [None], ids=lambda c: c.label() if c else "none")
+@pytest.mark.parametrize("w_bits,group_size,symmetric", [(8, 0, True), (8, 0, False), (8, 64, False), (4, 0, True),
+                                                         (4, 0, False), (4, 64, False), (4, 128, True)])
+def test_interp_gemm_code_paths(config: GemmConfig, w_bits: int, group_size: int, symmetric: bool) -> None:
+    """Every path of the persistent kernel on a K of two 128-column chunks: bit-identical to the reference."""
+    _check_int_linear(37, 256, 40, w_bits, group_size, symmetric, torch.bfloat16, "cpu", config=config)
+    _check_int_linear_exact(37, 256, 40, w_bits, group_size, "cpu", config=config)
+
+
+@interp
+@pytest.mark.parametrize("k", [36, 100, 192, 300])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_interp_int4_partial_last_chunk(k: int, swap_ab: bool) -> None:
+    """K not a multiple of 128: the last chunk splits its columns at half its width (packing.py)."""
+    config = GemmConfig(16, 32, 32, 2, 4, 2, swap_ab=swap_ab, num_programs=2)
+    _check_int_matmul(21, k, 24, 4, "cpu", config=config)
+    _check_int_linear(21, k, 24, 4, 0, False, torch.float32, "cpu", config=config)
+
+
+@interp
+@pytest.mark.parametrize("k,group_size", [(256, 64), (384, 192), (256, 32), (192, 48), (320, 64)])
+def test_interp_int4_groups_in_kernel_or_unpacked(k: int, group_size: int) -> None:
+    """Groups of 64 columns and multiples over whole chunks unpack in the kernel; others unpack first."""
+    _check_int_linear(19, k, 24, 4, group_size, False, torch.float32, "cpu",
+                      config=GemmConfig(16, 32, 16, 2, 4, 2, num_programs=3))
+    _check_int_linear_exact(19, k, 24, 4, group_size, "cpu")
+
+
+@interp
+def test_interp_tile_choice_is_static() -> None:
+    """Configs come from shapes alone: the DiT shapes get a config whose tiles fit the problem."""
+    device = torch.device("cpu")
+    for m in (16, 64, 4096, 16384):
+        for k, n in ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152)):
+            for w_int4 in (False, True):
+                config = choose_gemm_config(m, n, k, 0, device, w_int4=w_int4)
+                assert config == choose_gemm_config(m, n, k, 0, device, w_int4=w_int4)
+                assert config.block_m <= max(16, triton_next_pow2(m)) and config.block_k in (64, 128, 256)
+                if m <= 64:
+                    assert config.swap_ab
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("group_size,symmetric", [(0, True), (0, False), (16, False)])
+def test_interp_gelu_quantize(dtype: torch.dtype, approximate: str, group_size: int, symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 7, 64, generator=gen) * 3 - 0.5).to(dtype)
+    _check_gelu_quantize(x, approximate, group_size, symmetric, exact_gelu=False)
+
+
+@interp
+def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch.library.triton_op needs of a launcher, checked on CPU: run over fake tensors with a
+    symbolic row count, it reads no data, allocates its outputs and launches its kernels through
+    torch.library.wrap_triton, with grids and arguments computed from shapes alone. (Under the interpreter
+    wrap_triton returns the kernel itself, so torch's own tracing cannot be run here; the CUDA test
+    `test_cuda_triton_op_under_inductor` compiles the real thing.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    launches: list[tuple[object, tuple]] = []
+
+    class Recorder:
+        def __init__(self, kernel: object) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                launches.append((self.kernel, grid))
+            return launch
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
+    gen = torch.Generator().manual_seed(2)
+    codes, qw = _weights(40, 256, 4, "cpu", gen)
+    real = {
+        "qx": torch.randint(-127, 128, (6, 256), dtype=torch.int8, generator=gen),
+        "x_scale": torch.rand(6, 1), "x_zero": torch.zeros(6, 1, dtype=torch.int32),
+        "x": torch.randn(6, 256), "mod": torch.randn(2, 256), "x3": torch.randn(2, 3, 256),
+    }
+    fixed = {"qw": qw, "w_scale": torch.rand(40, 1), "bias": torch.randn(40), "w_sum": weight_group_sums(qw, 4, 0)}
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    def fake(t: torch.Tensor, dynamic_rows: bool) -> torch.Tensor:
+        sizes = [DimDynamic.DYNAMIC if dynamic_rows else DimDynamic.STATIC] + [DimDynamic.STATIC] * (t.dim() - 1)
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    dynamic = {name: fake(t, True) for name, t in real.items()}
+    static = {name: fake(t, False) for name, t in fixed.items()}
+    with mode:
+        out = triton_int_linear(dynamic["qx"], dynamic["x_scale"], dynamic["x_zero"], static["qw"], static["w_scale"],
+                                static["bias"], 4, 0, torch.bfloat16, static["w_sum"])
+        assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 40 and out.dtype == torch.bfloat16
+        outputs = (quantize_act(dynamic["x"], 8, 0, True) + gelu_quantize(dynamic["x"], "tanh", 8, 64, False)
+                   + ln_modulate_quantize(dynamic["x3"], None, None, 1e-6, dynamic["mod"], dynamic["mod"], 8, 0, True))
+        assert [tuple(t.shape[1:]) for t in outputs] == [(256,), (1,), (1,), (256,), (4,), (4,), (3, 256), (3, 1), (3, 1)]
+    names = [getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, _ in launches]
+    assert names == ["_int_gemm_kernel", "_quantize_act_kernel", "_quantize_act_kernel", "_ln_modulate_quantize_kernel"]
+
+
 # ---------------------------------------------------------------- CUDA tests (DiT-XL/2 shapes)
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("m", [16, 4096])
-@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152)])
+@pytest.mark.parametrize("m", [16, 64, 4096])
+@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152), (4608, 1152)])
 @pytest.mark.parametrize("w_bits,group_size,symmetric", [
-    (8, 0, True), (8, 0, False), (8, 128, False), (4, 0, True), (4, 128, False), (6, 64, True),
+    (8, 0, True), (8, 0, False), (8, 128, False), (4, 0, True), (4, 0, False), (4, 128, False), (4, 64, True),
+    (6, 64, True), (4, 32, False),
 ])
 def test_cuda_int_linear(m: int, k: int, n: int, w_bits: int, group_size: int, symmetric: bool) -> None:
     _check_int_linear(m, k, n, w_bits, group_size, symmetric, torch.bfloat16, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("config", [
+    GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 4, tma=False),
+    GemmConfig(64, 128, 128, 8, 4, 4, swap_ab=True), GemmConfig(128, 128, 128, 8, 8, 4, num_programs=7),
+    GemmConfig(128, 128, 256, 8, 8, 3, flatten=False),
+] if HAS_CUDA else [None], ids=lambda c: c.label() if c else "none")
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_cuda_gemm_configs(config: GemmConfig, w_bits: int) -> None:
+    """Forced configs on ragged shapes (M, N not multiples of the tiles; K with a partial last chunk)."""
+    for m, k, n in ((1000, 1152, 1000), (333, 320, 200)):
+        _check_int_linear(m, k, n, w_bits, 0, False, torch.bfloat16, "cuda", config=config)
+        _check_int_matmul(m, k, n, w_bits, "cuda", config=config)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("group_size,symmetric", [(0, True), (0, False), (128, False)])
+def test_cuda_gelu_quantize(dtype: torch.dtype, approximate: str, group_size: int, symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4096, 4608, generator=gen) * 2).to(dtype).cuda()
+    _check_gelu_quantize(x, approximate, group_size, symmetric, exact_gelu=True)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_triton_op_under_inductor() -> None:
+    """The launchers as torch.library.triton_op bodies: torch.compile (Inductor) launches the kernels from its
+    generated code, TMA descriptors' scratch included, and gives the eager results bit for bit."""
+    import torch.library
+
+    lib_name = "dqcompile_test"
+
+    def linear(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+        return triton_int_linear(qx, x_scale, None, qw, w_scale, bias, 8, 0, torch.bfloat16)
+
+    def gelu_q(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gelu_quantize(x, "tanh", 8, 0, True)
+
+    if not hasattr(torch.ops, lib_name) or not hasattr(getattr(torch.ops, lib_name), "linear"):
+        torch.library.triton_op(f"{lib_name}::linear", linear, mutates_args=())
+        torch.library.triton_op(f"{lib_name}::gelu_q", gelu_q, mutates_args=())
+    ops = getattr(torch.ops, lib_name)
+
+    def block(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        q, s, _ = ops.gelu_q(x)
+        return ops.linear(q, s, qw, w_scale, bias) * 2
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 1152, generator=gen).to(torch.bfloat16).cuda()
+    codes, _ = _weights(768, 1152, 8, "cuda", gen)
+    w_scale = (torch.rand(768, 1, generator=gen) * 1e-2).cuda()
+    bias = torch.randn(768, generator=gen).to(torch.bfloat16).cuda()
+    eager = block(x, codes, w_scale, bias)
+    compiled = torch.compile(block, fullgraph=True)
+    assert torch.equal(compiled(x, codes, w_scale, bias), eager)
+    q, s, z = reference.quantize_act(torch.nn.functional.gelu(x, approximate="tanh"), 8, 0, True)
+    assert torch.equal(eager, reference.int_linear(q, s, z, codes, w_scale, bias, 8, 0, torch.bfloat16) * 2)
 
 
 @pytest.mark.cuda

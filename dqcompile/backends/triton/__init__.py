@@ -1,9 +1,9 @@
 """Triton kernels for the dqcompile ops: integer GEMMs (gemm.py) and fused activation quantization (quantize.py).
 
 Importing this package fills the "triton" column of the op table with `dqcompile.backends.register_kernel`:
-int_linear, int_matmul, quantize_act and ln_modulate_quantize (LayerNorm + adaLN modulation + dynamic
-quantization in one kernel) run on Triton; quantize_act_static and weight_only_linear have no Triton
-kernel yet and use the reference implementations.
+int_linear, int_matmul, quantize_act, ln_modulate_quantize (LayerNorm + adaLN modulation + dynamic
+quantization in one kernel) and gelu_quantize (GELU + dynamic quantization in one kernel) run on Triton, as
+`torch.library.triton_op`s; the other ops have no Triton kernel and keep the reference.
 
 The package imports on any machine. Without the `triton` package the kernel set is still registered,
 and requesting a kernel (calling it, or reading one of the names below) raises an ImportError that says
@@ -33,6 +33,7 @@ _KERNEL_NAMES = {
     "triton_int_linear": "gemm",
     "triton_int_matmul": "gemm",
     "weight_group_sums": "gemm",
+    "gelu_quantize": "quantize",
     "ln_modulate_quantize": "quantize",
     "quantize_act": "quantize",
 }
@@ -87,10 +88,13 @@ def _int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | 
                                             w_sum=w_sum)
 
 
-# The "triton" column of the op table (dqcompile/backends/ops.py). These launchers are not traceable yet
-# (they launch kernels directly), so they register as opaque custom ops (triton_op=False); the other ops
-# keep the reference. The GEMM tiles groups in multiples of 16: other group sizes stay on the reference.
-register_kernel("triton", "quantize_act", _kernel("quantize_act"))
-register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize"))
-register_kernel("triton", "int_linear", _int_linear, accepts=lambda args: args["group_size"] % 16 == 0)
-register_kernel("triton", "int_matmul", _kernel("triton_int_matmul"))
+# The "triton" column of the op table (dqcompile/backends/ops.py). The launchers are traceable (shapes,
+# strides and dtypes decide everything; kernels launch through torch.library.wrap_triton), so they register
+# as torch.library.triton_op: Inductor traces each once and launches its kernels from the generated code,
+# with no Python per call. The GEMM tiles groups in multiples of 16: other group sizes stay on the reference.
+register_kernel("triton", "quantize_act", _kernel("quantize_act"), triton_op=True)
+register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize"), triton_op=True)
+register_kernel("triton", "gelu_quantize", _kernel("gelu_quantize"), triton_op=True)
+register_kernel("triton", "int_linear", _int_linear, triton_op=True,
+                accepts=lambda args: args["group_size"] % 16 == 0)
+register_kernel("triton", "int_matmul", _kernel("triton_int_matmul"), triton_op=True)

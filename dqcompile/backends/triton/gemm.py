@@ -3,40 +3,53 @@
     acc[m, n, g] = sum_{k in group g} qx[m, k] qw[n, k]                       (exact, int32)
     y[m, n]      = sum_g x_scale[m, g] w_scale[n, g] (acc[m, n, g] - x_zero[m, g] wsum[n, g]) + bias[n]
 
-One kernel covers every variant through compile-time flags:
-- per output channel (group_size 0): one int32 accumulator over all of K, one float epilogue;
-- per group (group_size g, K % g == 0): an int32 accumulator per group, rescaled into a float32
-  accumulator at the end of each group (BLOCK_K divides g, so a group never straddles a K block);
-- W8A8 / W6A8 (int8 weight containers) or W4A8 (packed uint8 [N, K/2], unpacked to int8 in registers
-  right before the dot, so the weight crosses memory at half the bytes);
-- symmetric activations (x_zero None: no zero-point term, no weight sums needed) or asymmetric;
-- an accumulator-only mode that stores the raw int32 products (`triton_int_matmul`), the exact
-  integer path used by tests and by the `int_matmul` op where torch._int_mm refuses the shape.
-
-Hopper choices: int8 tensor-core dots with BLOCK_K = 128 (wgmma consumes K in steps of 32 bytes),
-large 128x128 / 128x256 tiles for large M with 3-4 pipeline stages, grouped ("swizzled") program order
-so that programs running together share A rows and B columns in L2, and the whole epilogue in registers.
+One persistent kernel covers every variant through compile-time flags:
+- a persistent grid: one program per SM (or fewer when there are fewer tiles), output tiles strided over
+  the programs in grouped ("swizzled") order, so that programs running together share activation rows
+  and weight columns in L2; the tile loop is flattened into the K loop (`tl.range(flatten=True)`), so
+  the software pipeline keeps loading the next tile's operands while the current tile's epilogue runs;
+- operands through TMA (tensor descriptors built in the kernel, `tl.make_tensor_descriptor`) on Hopper
+  and later, or through pointer loads (the Triton interpreter, older GPUs, operands TMA cannot address);
+- per output channel (group_size 0): one int32 accumulator over all of K, one float epilogue; or per
+  group (group_size g): an int32 accumulator per group, rescaled into a float32 accumulator at the end of
+  each group (a K block never straddles two groups);
+- W8A8 / W6A8 (int8 weight containers, K-major [N, K]) or W4A8 (packed uint8 [N, K/2] in the chunked
+  layout of dqcompile/quant/packing.py: byte i of a 128-column chunk holds column i low and 64 + i high,
+  so a 128-column K step loads 64 bytes per weight row, sign-extends `(b << 4) >> 4` and `b >> 4`, and
+  does two dots against the two 64-column halves of the activation tile; the weight crosses memory at
+  half the bytes and is unpacked in registers, with no interleave);
+- optionally swapped operands (SWAP_AB): the tile computes out^T = W X^T, so the weight is the dot's
+  first operand. Int8 tensor cores take the first operand from registers and the second from shared
+  memory; swapping lets the unpacked int4 weight feed the tensor cores straight from registers, and
+  lets a few activation rows (the adaLN / timestep linears, M = 16..64) sit in the narrow dimension of
+  the instruction (16 wide) instead of the 64-row one;
+- symmetric activations (x_zero None: no zero-point term, no weight sums needed) or asymmetric (the
+  precomputed weight code sums `w_sum` enter the epilogue);
+- an accumulator-only mode that stores the raw int32 products (`triton_int_matmul`).
 
 The float epilogue is the reference's, operation for operation: (x_scale * w_scale) * float(acc - x_zero wsum),
-groups added in order, then + bias, in float32 without FMA contraction, then one cast; so outputs equal the
+groups added in order, then + bias, in float32, each product and sum rounded on its own (libdevice's
+mul_rn / add_rn, which the compiler never contracts into an FMA), then one cast: outputs equal the
 reference backend's bit for bit, not only within the output dtype's rounding.
-Small M (the adaLN / timestep linears see 16 rows) gets 16-row tiles and narrow N tiles so that enough
-programs exist to stream the weight from every SM.
+
+Launchers are traceable by `torch.library.triton_op`: they look at shapes, strides and dtypes only (no
+`.item()`, no data-dependent branch), allocate their outputs with torch.empty, decide the tile config
+from static shapes, and launch through `torch.library.wrap_triton`, so that Inductor's generated code
+launches the kernel with no Python body per call.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.quant.packing import unpack_int4
+from dqcompile.quant.packing import CHUNK, unpack_int4
+
+from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, mul_rn, round_to
 
 __all__ = [
     "GemmConfig",
@@ -48,10 +61,21 @@ __all__ = [
     "weight_group_sums",
 ]
 
+# Nominal SM count used when no CUDA device is present (the Triton interpreter): H100 / H200 SXM.
+_DEFAULT_SM_COUNT = 132
+# Columns per K step of the int4 per-channel path: one packed chunk (64 bytes of a weight row).
+_INT4_CHUNK = tl.constexpr(CHUNK)
+
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape and launch parameters of one GEMM launch."""
+    """Tile shape and launch parameters of one GEMM launch.
+
+    block_k is the K step of int8 weights; packed int4 weights step by one 128-column chunk per
+    channel-wise K step (two 64-column dots), or by 64 columns in grouped mode, whatever block_k says.
+    tma: None chooses TMA wherever the device and the operands allow it; True / False force it (True on
+    operands TMA cannot address raises). num_programs: 0 means one program per SM.
+    """
 
     block_m: int
     block_n: int
@@ -59,68 +83,116 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
+    tma: bool | None = None
+    flatten: bool = True
+    warp_specialize: bool = False
+    num_programs: int = 0
 
-
-# Nominal SM count used when no CUDA device is present (the Triton interpreter): H100 SXM.
-_DEFAULT_SM_COUNT = 132
-_AUTOTUNE = os.environ.get("DQCOMPILE_TRITON_AUTOTUNE", "0") == "1"
-_AUTOTUNE_CACHE: dict[tuple, GemmConfig] = {}
+    def label(self) -> str:
+        flags = "".join(f for f, on in (("S", self.swap_ab), ("W", self.warp_specialize), ("F", self.flatten)) if on)
+        tma = {None: "", True: "T", False: "P"}[self.tma]
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
+                f"{flags}{tma}" + (f"p{self.num_programs}" if self.num_programs else ""))
 
 
 def set_autotune(enabled: bool) -> None:
-    """Turn benchmark-based config selection on or off (default: the DQCOMPILE_TRITON_AUTOTUNE env var).
+    """Kept for old callers: tile configs now come from `choose_gemm_config`'s table, measured per shape
+    with `benchmarks/bench_gemm.py --sweep` (a launcher that benchmarks at call time cannot be traced)."""
+    del enabled
 
-    When on, the first call for a new (M bucket, N, K, variant) times every candidate config with
-    triton.testing.do_bench and caches the fastest; when off, `choose_gemm_config` decides at no cost.
-    """
-    global _AUTOTUNE
-    _AUTOTUNE = enabled
+
+# ------------------------------------------------------------------------------------------ the kernel
+
+@triton.jit
+def _along_m(v, SWAP_AB: tl.constexpr):
+    """A per-row vector (length BLOCK_M) broadcast against the accumulator tile."""
+    if SWAP_AB:
+        return v[None, :]
+    else:
+        return v[:, None]
 
 
 @triton.jit
-def _load_weight_tile(qw_ptr, offs_n, k_start, K, stride_wn,
-                      BLOCK_K: tl.constexpr, W_INT4: tl.constexpr, EVEN_K: tl.constexpr):
-    """Load weight columns offs_n, inputs [k_start, k_start + BLOCK_K) as an int8 [BLOCK_K, BLOCK_N] tile.
-
-    The tile is K-major in memory (qw is [N, K]), the operand layout int8 tensor cores require.
-    W_INT4: qw is uint8 [N, K/2]; byte j holds column 2j in its low nibble and 2j+1 in its high nibble,
-    each 4-bit two's complement; nibbles are sign-extended with shifts and interleaved back in K order.
-    """
-    if W_INT4:
-        offs_kp = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-        ptrs = qw_ptr + offs_n[:, None] * stride_wn + offs_kp[None, :]
-        if EVEN_K:
-            packed = tl.load(ptrs)
-        else:
-            packed = tl.load(ptrs, mask=(offs_kp * 2 < K)[None, :], other=0)
-        # Shift the low nibble to the top of the byte, then arithmetic-shift back: sign extension.
-        low = ((packed << 4).to(tl.uint8).to(tl.int8, bitcast=True) >> 4).to(tl.int8)
-        high = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.int8)
-        return tl.trans(tl.interleave(low, high))
+def _along_n(v, SWAP_AB: tl.constexpr):
+    """A per-column vector (length BLOCK_N) broadcast against the accumulator tile."""
+    if SWAP_AB:
+        return v[:, None]
     else:
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        ptrs = qw_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]
-        if EVEN_K:
+        return v[None, :]
+
+
+@triton.jit
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr, SWAP_AB: tl.constexpr):
+    """An accumulator tile: [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP_AB."""
+    if SWAP_AB:
+        return tl.zeros((BLOCK_N, BLOCK_M), dtype=dtype)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+
+
+@triton.jit
+def _dot(x, w, acc, SWAP_AB: tl.constexpr):
+    """acc + x w^T ([BM, BN]), or with SWAP_AB acc + w x^T ([BN, BM]); x [BM, k], w [BN, k] int8."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
+    else:
+        return tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _load_x(x_desc, qx_ptr, rows, m0, k0, K, stride_xm,
+            WIDTH: tl.constexpr, USE_TMA: tl.constexpr, MASK_K: tl.constexpr):
+    """Activation codes: rows m0.. (`rows`, already wrapped into [0, M)), columns [k0, k0 + WIDTH)."""
+    if USE_TMA:
+        return x_desc.load([m0, k0])
+    else:
+        offs_k = k0 + tl.arange(0, WIDTH)
+        ptrs = qx_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+        if MASK_K:
+            return tl.load(ptrs, mask=(offs_k < K)[None, :], other=0)
+        else:
             return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=(offs_k < K)[:, None], other=0)
 
 
 @triton.jit
-def _load_act_tile(qx_ptr, offs_m, k_start, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """Load activation rows offs_m, inputs [k_start, k_start + BLOCK_K) as an int8 [BLOCK_M, BLOCK_K] tile."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    ptrs = qx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    if EVEN_K:
-        return tl.load(ptrs)
+def _load_w(w_desc, qw_ptr, cols, n0, kb0, KW, stride_wn,
+            WIDTH: tl.constexpr, USE_TMA: tl.constexpr, MASK_K: tl.constexpr):
+    """Weight bytes [BN, WIDTH]: rows n0.. (`cols`, wrapped into [0, N)), bytes [kb0, kb0 + WIDTH) of KW."""
+    if USE_TMA:
+        return w_desc.load([n0, kb0])
     else:
-        return tl.load(ptrs, mask=(offs_k < K)[None, :], other=0)
+        offs_k = kb0 + tl.arange(0, WIDTH)
+        ptrs = qw_ptr + cols[:, None] * stride_wn + offs_k[None, :]
+        if MASK_K:
+            return tl.load(ptrs, mask=(offs_k < KW)[None, :], other=0)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
-def _int_linear_kernel(
+def _nibble(packed, SHIFT):
+    """Sign-extended nibble of each byte: SHIFT 4 takes the low nibble, 0 the high one (int8 result)."""
+    b = packed.to(tl.int8, bitcast=True)
+    return ((b << SHIFT).to(tl.int8) >> 4).to(tl.int8)
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row-tiles advance together across N so their rows stay in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int_gemm_kernel(
     qx_ptr, qw_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, out_ptr,
-    M, N, K,
+    M, N, K, KW,
     stride_xm, stride_wn, stride_om,
     stride_xs_m, stride_xs_g, stride_xz_m, stride_xz_g, stride_ws_n, stride_ws_g, stride_wsum_n,
     GROUP_SIZE: tl.constexpr,
@@ -128,72 +200,127 @@ def _int_linear_kernel(
     HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC_ONLY: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    MASK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile; see the module docstring for the math."""
-    # Grouped program order: GROUP_M row-tiles advance together across N so their A rows stay in L2.
-    pid = tl.program_id(0)
+    """Output tiles pid, pid + NUM_PROGRAMS, ...; see the module docstring for the math.
+
+    K is the activation width, KW the weight row's width in its own elements (K, or K / 2 packed).
+    Per channel, int4 steps one 128-column chunk at a time (BLOCK_K is 128); grouped int4 steps 64
+    columns (BLOCK_K 64), the low or high nibbles of one chunk's 64 bytes.
+    """
+    HALF: tl.constexpr = _INT4_CHUNK // 2
+    # Activation tiles are half a chunk wide for int4 (one per dot), BLOCK_K otherwise; weight tiles are
+    # BLOCK_K bytes wide for int8 and HALF bytes (one chunk, or the half-chunk's bytes) for int4.
+    X_WIDTH: tl.constexpr = HALF if W_INT4 else BLOCK_K
+    W_WIDTH: tl.constexpr = HALF if W_INT4 else BLOCK_K
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(qx_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, X_WIDTH])
+        w_desc = tl.make_tensor_descriptor(qw_ptr, shape=[N, KW], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, W_WIDTH])
+    else:
+        x_desc = qx_ptr
+        w_desc = qw_ptr
+
+    start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    num_tiles = num_pid_m * num_pid_n
+    tile_c = start - NUM_PROGRAMS
+    for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        # Out-of-range rows / columns read a valid row instead (wrap-around) so the pointer loads need no
+        # M / N masks; their results are dropped by the masked store. (TMA fills them with zeros.)
+        rows = (m0 + tl.arange(0, BLOCK_M)) % M
+        cols = (n0 + tl.arange(0, BLOCK_N)) % N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows / columns read a valid row instead (wrap-around) so the hot loop needs no
-    # M / N masks; their results are dropped by the masked store.
-    rows = offs_m % M
-    cols = offs_n % N
-
-    if GROUP_SIZE == 0:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k_start in range(0, K, BLOCK_K):
-            a = _load_act_tile(qx_ptr, rows, k_start, K, stride_xm, BLOCK_K, EVEN_K)
-            b = _load_weight_tile(qw_ptr, cols, k_start, K, stride_wn, BLOCK_K, W_INT4, EVEN_K)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        if ACC_ONLY:
-            result = acc
+        if GROUP_SIZE == 0:
+            acc = _zeros(BLOCK_M, BLOCK_N, tl.int32, SWAP_AB)
+            if W_INT4:
+                for kc in range(0, K, _INT4_CHUNK):
+                    packed = _load_w(w_desc, qw_ptr, cols, n0, kc // 2, KW, stride_wn, HALF, USE_TMA, MASK_K)
+                    if MASK_K:  # a last chunk of width w < 128 splits at w / 2
+                        half = tl.minimum(HALF, (K - kc) // 2)
+                    else:
+                        half = HALF
+                    x_low = _load_x(x_desc, qx_ptr, rows, m0, kc, K, stride_xm, HALF, USE_TMA, MASK_K)
+                    x_high = _load_x(x_desc, qx_ptr, rows, m0, kc + half, K, stride_xm, HALF, USE_TMA, MASK_K)
+                    acc = _dot(x_low, _nibble(packed, 4), acc, SWAP_AB)
+                    acc = _dot(x_high, _nibble(packed, 0), acc, SWAP_AB)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    x = _load_x(x_desc, qx_ptr, rows, m0, k0, K, stride_xm, BLOCK_K, USE_TMA, MASK_K)
+                    w = _load_w(w_desc, qw_ptr, cols, n0, k0, KW, stride_wn, BLOCK_K, USE_TMA, MASK_K)
+                    acc = _dot(x, w, acc, SWAP_AB)
         else:
-            if HAS_ZERO:
-                x_zero = tl.load(x_zero_ptr + rows * stride_xz_m)
-                w_sum = tl.load(w_sum_ptr + cols * stride_wsum_n)
-                acc = acc - x_zero[:, None] * w_sum[None, :]
-            x_scale = tl.load(x_scale_ptr + rows * stride_xs_m)
-            w_scale = tl.load(w_scale_ptr + cols * stride_ws_n)
-            result = (x_scale[:, None] * w_scale[None, :]) * acc.to(tl.float32)
-    else:
-        result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for group in range(0, K // GROUP_SIZE):
-            group_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            # Unrolled: each group is a fixed number of K blocks (BLOCK_K divides GROUP_SIZE).
-            for step in tl.static_range(GROUP_SIZE // BLOCK_K):
-                k_start = group * GROUP_SIZE + step * BLOCK_K
-                a = _load_act_tile(qx_ptr, rows, k_start, K, stride_xm, BLOCK_K, True)
-                b = _load_weight_tile(qw_ptr, cols, k_start, K, stride_wn, BLOCK_K, W_INT4, True)
-                group_acc = tl.dot(a, b, group_acc, out_dtype=tl.int32)
-            if HAS_ZERO:
-                x_zero = tl.load(x_zero_ptr + rows * stride_xz_m + group * stride_xz_g)
-                w_sum = tl.load(w_sum_ptr + cols * stride_wsum_n + group)
-                group_acc = group_acc - x_zero[:, None] * w_sum[None, :]
-            x_scale = tl.load(x_scale_ptr + rows * stride_xs_m + group * stride_xs_g)
-            w_scale = tl.load(w_scale_ptr + cols * stride_ws_n + group * stride_ws_g)
-            result += (x_scale[:, None] * w_scale[None, :]) * group_acc.to(tl.float32)
+            result = _zeros(BLOCK_M, BLOCK_N, tl.float32, SWAP_AB)
+            for group in range(0, K // GROUP_SIZE):
+                group_acc = _zeros(BLOCK_M, BLOCK_N, tl.int32, SWAP_AB)
+                # Unrolled: each group is a fixed number of K blocks (BLOCK_K divides GROUP_SIZE).
+                for step in tl.static_range(GROUP_SIZE // BLOCK_K):
+                    k0 = group * GROUP_SIZE + step * BLOCK_K
+                    x = _load_x(x_desc, qx_ptr, rows, m0, k0, K, stride_xm, BLOCK_K, USE_TMA, False)
+                    if W_INT4:  # 64 columns: the low or the high nibbles of their chunk's 64 bytes
+                        chunk = k0 // _INT4_CHUNK
+                        packed = _load_w(w_desc, qw_ptr, cols, n0, chunk * HALF, KW, stride_wn, HALF, USE_TMA,
+                                         False)
+                        w = _nibble(packed, 4 - 4 * ((k0 // HALF) % 2))
+                    else:
+                        w = _load_w(w_desc, qw_ptr, cols, n0, k0, KW, stride_wn, BLOCK_K, USE_TMA, False)
+                    group_acc = _dot(x, w, group_acc, SWAP_AB)
+                if HAS_ZERO:
+                    x_zero = tl.load(x_zero_ptr + rows * stride_xz_m + group * stride_xz_g)
+                    w_sum = tl.load(w_sum_ptr + cols * stride_wsum_n + group)
+                    group_acc = group_acc - _along_m(x_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)
+                x_scale = tl.load(x_scale_ptr + rows * stride_xs_m + group * stride_xs_g)
+                w_scale = tl.load(w_scale_ptr + cols * stride_ws_n + group * stride_ws_g)
+                scale = mul_rn(_along_m(x_scale, SWAP_AB), _along_n(w_scale, SWAP_AB))
+                result = add_rn(result, mul_rn(scale, group_acc.to(tl.float32)))
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols).to(tl.float32)
-        result = result + bias[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+        # Epilogue. Its tile coordinates come from a counter of their own (as in Triton's persistent
+        # matmul), which keeps the flattened loop's prologue and epilogue independent.
+        tile_c += NUM_PROGRAMS
+        pid_m_c, pid_n_c = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m_c * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n_c * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_c = offs_m % M
+        cols_c = offs_n % N
+        if GROUP_SIZE == 0:
+            if ACC_ONLY:
+                result = acc
+            else:
+                if HAS_ZERO:
+                    x_zero = tl.load(x_zero_ptr + rows_c * stride_xz_m)
+                    w_sum = tl.load(w_sum_ptr + cols_c * stride_wsum_n)
+                    acc = acc - _along_m(x_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)
+                x_scale = tl.load(x_scale_ptr + rows_c * stride_xs_m)
+                w_scale = tl.load(w_scale_ptr + cols_c * stride_ws_n)
+                scale = mul_rn(_along_m(x_scale, SWAP_AB), _along_n(w_scale, SWAP_AB))
+                result = mul_rn(scale, acc.to(tl.float32))
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_c).to(tl.float32)
+            result = add_rn(result, _along_n(bias, SWAP_AB))
+        if SWAP_AB:
+            out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            out_mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
+        else:
+            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        tl.store(out_ptrs, round_to(result, out_ptr.dtype.element_ty), mask=out_mask)
 
+
+# ------------------------------------------------------------------------------------------ configs
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -201,8 +328,9 @@ def _sm_count(device: torch.device) -> int:
     return _DEFAULT_SM_COUNT
 
 
-def _block_k_for(group_size: int) -> int:
-    """The K block: 128 for int8 on Hopper, or the largest of 128 / 64 / 32 / 16 that divides the group."""
+def _int8_block_k(group_size: int) -> int:
+    """The int8 K step: 128 (wgmma consumes K in steps of 32 bytes), or the largest of 128 / 64 / 32 / 16
+    that divides the group."""
     if group_size == 0:
         return 128
     for block_k in (128, 64, 32, 16):
@@ -211,38 +339,71 @@ def _block_k_for(group_size: int) -> int:
     raise ValueError(f"group_size must be a multiple of 16 for the Triton kernels, got {group_size}")
 
 
-def gemm_candidate_configs(m: int, group_size: int) -> list[GemmConfig]:
-    """Configs worth trying for M rows, in order of preference (the autotuner times all of them)."""
-    block_k = _block_k_for(group_size)
-    if m <= 16:
-        return [GemmConfig(16, 32, block_k, 1, 4, 4), GemmConfig(16, 64, block_k, 1, 4, 4),
-                GemmConfig(16, 128, block_k, 1, 4, 3)]
-    if m <= 64:
-        return [GemmConfig(64, 64, block_k, 8, 4, 4), GemmConfig(64, 128, block_k, 8, 4, 4)]
-    if m <= 256:
-        return [GemmConfig(128, 128, block_k, 8, 8, 4), GemmConfig(64, 128, block_k, 8, 4, 4)]
-    return [GemmConfig(128, 256, block_k, 8, 8, 3), GemmConfig(128, 128, block_k, 8, 8, 4),
-            GemmConfig(128, 128, block_k, 8, 4, 4)]
+def int4_in_kernel(k: int, group_size: int) -> bool:
+    """Whether the kernel unpacks int4 weights itself for this K and group size.
 
-
-def choose_gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> GemmConfig:
-    """Fixed heuristic: the first candidate whose tile count fills the SMs in whole-enough waves.
-
-    A wave is one program per SM; a last wave that is mostly empty wastes the machine (e.g. 160 tiles
-    of 128x256 on 132 SMs run as two waves, the second 21% full), so a smaller tile that splits the
-    work into fuller waves wins. Small M instead wants at least one program per SM to stream weights.
+    Per channel: any even K. Grouped: groups of a multiple of 64 columns over a K made of whole 128-column
+    chunks, so that each 64-column step is one nibble half of one chunk and lies in one group. Other
+    group sizes (16, 32, 48, ... or a K with a partial chunk) unpack the weight to int8 codes first.
     """
-    sm_count = _sm_count(device)
-    candidates = gemm_candidate_configs(m, group_size)
-    best, best_efficiency = candidates[0], -1.0
-    for config in candidates:
+    return group_size == 0 or (group_size % 64 == 0 and k % CHUNK == 0)
+
+
+# Tile configs measured fastest per DiT-XL/2 shape on an H200 (benchmarks/bench_gemm.py --sweep;
+# benchmarks/results/gemm_h200.json), keyed by (M bucket, N, K, int4). Others fall back to the rule below.
+_MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {}
+
+
+def _m_bucket(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 64 else 4096 if m <= 8192 else 16384
+
+
+def gemm_candidate_configs(m: int, group_size: int, *, w_int4: bool = False) -> list[GemmConfig]:
+    """Configs worth trying for M rows, in order of preference (the sweep of bench_gemm.py times them)."""
+    block_k = 128 if group_size == 0 else (64 if w_int4 else _int8_block_k(group_size))
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        return [GemmConfig(block_m, 64, block_k, 1, 4, 4, swap_ab=True),
+                GemmConfig(block_m, 128, block_k, 1, 4, 4, swap_ab=True),
+                GemmConfig(block_m, 32, block_k, 1, 4, 4, swap_ab=True)]
+    if w_int4:
+        return [GemmConfig(128, 128, block_k, 8, 8, 4, swap_ab=True),
+                GemmConfig(256, 128, block_k, 8, 8, 3, swap_ab=True),
+                GemmConfig(128, 64, block_k, 8, 4, 4, swap_ab=True),
+                GemmConfig(128, 256, block_k, 8, 8, 3),
+                GemmConfig(128, 128, block_k, 8, 8, 4)]
+    return [GemmConfig(128, 256, block_k, 8, 8, 3),
+            GemmConfig(128, 128, block_k, 8, 8, 4),
+            GemmConfig(128, 128, block_k, 8, 4, 4),
+            GemmConfig(64, 128, block_k, 8, 4, 4),
+            GemmConfig(256, 128, block_k, 8, 8, 3)]
+
+
+def choose_gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device, *,
+                       w_int4: bool = False) -> GemmConfig:
+    """The tile config for an [M, K] x [N, K] GEMM, from static shapes only (traceable).
+
+    A measured table first (the DiT-XL/2 shapes); otherwise the first candidate whose tiles spread over the
+    persistent programs with little imbalance: with T tiles on P programs the busiest program runs
+    ceil(T / P) tiles against T / P on average, so a tile shape with a higher T / (ceil(T / P) P) wins
+    unless its tiles are much less efficient (smaller tiles are weighted down).
+    """
+    measured = _MEASURED.get((_m_bucket(m), int(n), int(k), w_int4)) if group_size == 0 else None
+    if measured is not None:
+        return measured
+    candidates = gemm_candidate_configs(m, group_size, w_int4=w_int4)
+    if m <= 64:
+        return candidates[0]
+    programs = _sm_count(device)
+    best, best_score = candidates[0], -1.0
+    for rank, config in enumerate(candidates):
         tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-        waves = triton.cdiv(tiles, sm_count)
-        efficiency = tiles / (waves * sm_count) if waves > 1 else min(1.0, tiles / sm_count)
-        if efficiency >= 0.8:
-            return config
-        if efficiency > best_efficiency:
-            best, best_efficiency = config, efficiency
+        balance = tiles / (triton.cdiv(tiles, programs) * programs)
+        # Larger tiles reuse each loaded byte more: a 128x256 tile is the reference, 128x128 ~0.9.
+        size = (config.block_m * config.block_n / (128 * 256)) ** 0.15
+        score = balance * size * (1.0 - 0.01 * rank)
+        if score > best_score:
+            best, best_score = config, score
     return best
 
 
@@ -258,23 +419,68 @@ def weight_group_sums(qw: torch.Tensor, w_bits: int, group_size: int) -> torch.T
     return codes.reshape(n, groups, -1).sum(dim=-1, dtype=torch.int32)
 
 
+# ------------------------------------------------------------------------------------------ launch
+
+def _allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for the in-kernel TMA descriptors (128 bytes per descriptor and program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Triton needs an allocator for kernels with global scratch (tl.make_tensor_descriptor).
+
+    Triton keeps it in a context variable that other code (Inductor's launcher) also sets; setting ours
+    costs nothing and makes eager launches work whatever ran before.
+    """
+    if hasattr(triton, "set_allocator"):
+        triton.set_allocator(_allocator)
+
+
+def _tma_allowed(device: torch.device) -> bool:
+    if INTERPRETING or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and row stride, and unit stride along rows (shapes / strides only:
+    the storage itself comes 16-byte aligned from torch's allocators)."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+
+
 def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_zero: torch.Tensor | None,
             w_scale: torch.Tensor | None, w_sum: torch.Tensor | None, bias: torch.Tensor | None,
             out: torch.Tensor, k: int, w_int4: bool, group_size: int, acc_only: bool,
             config: GemmConfig) -> None:
     """Launch the kernel on 2-D operands; scale / zero tensors are [M, G] / [N, G] (any strides)."""
     m, n = out.shape
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    if w_int4:
+        block_k = CHUNK if group_size == 0 else 64
+    else:
+        block_k = config.block_k
+    if group_size and group_size % block_k:
+        raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
+    mask_k = k % (CHUNK if w_int4 else block_k) != 0
+    tma_possible = (_tma_allowed(qx.device) or (INTERPRETING and config.tma is True)) \
+        and _tma_addressable(qx) and _tma_addressable(qw) and not (w_int4 and mask_k)
+    use_tma = tma_possible if config.tma is None else config.tma
+    if use_tma and not tma_possible:
+        raise ValueError(f"config {config} asks for TMA, which these operands or this device do not allow")
+    if use_tma and not INTERPRETING:
+        _ensure_allocator()
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    programs = max(1, min(tiles, config.num_programs or _sm_count(qx.device)))
     # Unused pointer arguments get a live tensor so the signature stays fixed; the flags skip them.
     placeholder = out
     x_scale_arg = x_scale if x_scale is not None else placeholder
     x_zero_arg = x_zero if x_zero is not None else placeholder
     w_scale_arg = w_scale if w_scale is not None else placeholder
-    _int_linear_kernel[grid](
+    torch.library.wrap_triton(_int_gemm_kernel)[(programs,)](
         qx, qw, x_scale_arg, x_zero_arg, w_scale_arg,
         w_sum if w_sum is not None else placeholder,
         bias if bias is not None else placeholder, out,
-        m, n, k,
+        m, n, k, qw.shape[1],
         qx.stride(0), qw.stride(0), out.stride(0),
         x_scale_arg.stride(0), x_scale_arg.stride(1) if x_scale is not None else 0,
         x_zero_arg.stride(0), x_zero_arg.stride(1) if x_zero is not None else 0,
@@ -285,29 +491,19 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         HAS_ZERO=x_zero is not None,
         HAS_BIAS=bias is not None,
         ACC_ONLY=acc_only,
-        EVEN_K=k % config.block_k == 0,
+        MASK_K=mask_k,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
+        BLOCK_K=block_k,
         GROUP_M=config.group_m,
+        NUM_PROGRAMS=programs,
+        SWAP_AB=config.swap_ab,
+        USE_TMA=use_tma,
+        FLATTEN=config.flatten and group_size == 0,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        # No FMA contraction: the epilogue then performs the reference's float32 operations in the
-        # reference's order, and the outputs are bit-identical to it (the dots are integer anyway).
-        enable_fp_fusion=False,
     )
-
-
-def _pick_config(key: tuple, m: int, n: int, k: int, group_size: int, device: torch.device,
-                 launch: Callable[[GemmConfig], None]) -> GemmConfig:
-    """The heuristic config, or with autotuning on the fastest candidate (timed once per key)."""
-    if not _AUTOTUNE or device.type != "cuda":
-        return choose_gemm_config(m, n, k, group_size, device)
-    if key not in _AUTOTUNE_CACHE:
-        timings = {config: triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20)
-                   for config in gemm_candidate_configs(m, group_size)}
-        _AUTOTUNE_CACHE[key] = min(timings, key=timings.get)
-    return _AUTOTUNE_CACHE[key]
 
 
 def _as_rows(t: torch.Tensor, leading: tuple[int, ...], groups: int) -> torch.Tensor:
@@ -315,11 +511,17 @@ def _as_rows(t: torch.Tensor, leading: tuple[int, ...], groups: int) -> torch.Te
     return torch.broadcast_to(t, (*leading, groups)).reshape(-1, groups)
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None,
                       qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                      w_bits: int, group_size: int, out_dtype: torch.dtype, *,
-                      w_sum: torch.Tensor | None = None, config: GemmConfig | None = None) -> torch.Tensor:
+                      w_bits: int, group_size: int, out_dtype: torch.dtype,
+                      w_sum: torch.Tensor | None = None, *, config: GemmConfig | None = None) -> torch.Tensor:
     """`dqcompile::int_linear` on Triton: y[..., N] from int8 qx[..., K] and an int8 / packed-int4 weight.
+
+    The positional arguments are those of the `int_linear_triton` schema (docs/CONTRACTS.md).
 
     Args:
         qx: int8 [..., K] activation codes (leading dims are flattened to M rows).
@@ -331,9 +533,9 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
         w_bits: 4, 6 or 8.
         group_size: 0 (per output channel) or the group length, a multiple of 16 dividing K.
         out_dtype: torch.bfloat16, torch.float16 or torch.float32.
-        w_sum: optional precomputed `weight_group_sums(qw, w_bits, group_size)`; computed here if
-            x_zero is given and w_sum is not.
-        config: force a tile config (tests); default heuristic or autotuned.
+        w_sum: `weight_group_sums(qw, w_bits, group_size)`, precomputed once per weight; computed here
+            when x_zero is given and w_sum is not.
+        config: force a tile config (tests, the benchmark sweep); default `choose_gemm_config`.
     """
     require_kernel_device(qx, qw)
     if qx.dtype != torch.int8:
@@ -350,8 +552,8 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     n = qw.shape[0]
     if qw.shape[1] * (2 if w_int4 else 1) != k:
         raise ValueError(f"qw {tuple(qw.shape)} does not match K={k} for w_bits={w_bits}")
-    if group_size != 0 and (k % group_size != 0):
-        raise ValueError(f"group_size {group_size} does not divide K={k}")
+    if group_size != 0 and (group_size % 16 != 0 or k % group_size != 0):
+        raise ValueError(f"group_size {group_size} must be a multiple of 16 dividing K={k}")
     groups = 1 if group_size == 0 else k // group_size
     leading = tuple(qx.shape[:-1])
     out = torch.empty((*leading, n), dtype=out_dtype, device=qx.device)
@@ -360,10 +562,8 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     if groups == 1:
         group_size = 0  # one group spanning K is the per-channel path
 
-    qx2 = qx.reshape(-1, k)
-    if qx2.stride(-1) != 1:
-        qx2 = qx2.contiguous()
-    qw = qw if qw.stride(-1) == 1 else qw.contiguous()
+    qx2 = _row_major(qx.reshape(-1, k))
+    qw = _row_major(qw)
     m = qx2.shape[0]
     xs = _as_rows(x_scale.float(), leading, groups)
     xz = _as_rows(x_zero.to(torch.int32), leading, groups) if x_zero is not None else None
@@ -373,18 +573,12 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     if w_sum is not None:
         w_sum = w_sum.to(torch.int32).reshape(n, groups).contiguous()
     bias = bias.contiguous() if bias is not None else None
-    out2 = out.view(m, n)
-
-    def launch(c: GemmConfig) -> None:
-        _launch(qx2, qw, xs, xz, ws, w_sum, bias, out2, k, w_int4, group_size, False, c)
-
-    if config is None:
-        key = (triton.next_power_of_2(m), n, k, group_size, w_int4, xz is not None, bias is not None,
-               out_dtype, qx.device)
-        config = _pick_config(key, m, n, k, group_size, qx.device, launch)
-    if group_size != 0 and group_size % config.block_k != 0:
-        raise ValueError(f"config.block_k={config.block_k} must divide group_size={group_size}")
-    launch(config)
+    if w_int4 and not int4_in_kernel(k, group_size):
+        qw, w_int4 = unpack_int4(qw), False  # group sizes the int4 path cannot step through
+    config = config or choose_gemm_config(m, n, k, group_size, qx.device, w_int4=w_int4)
+    if not w_int4 and group_size and group_size % config.block_k:
+        config = replace(config, block_k=_int8_block_k(group_size))
+    _launch(qx2, qw, xs, xz, ws, w_sum, bias, out.view(m, n), k, w_int4, group_size, False, config)
     return out
 
 
@@ -392,8 +586,8 @@ def triton_int_matmul(a: torch.Tensor, b: torch.Tensor, *, w_bits: int = 8,
                       config: GemmConfig | None = None) -> torch.Tensor:
     """Exact int8 [M, K] x int8 [N, K] -> int32 [M, N] (b packed uint8 [N, K/2] when w_bits is 4).
 
-    The `int_matmul` op for shapes torch._int_mm refuses (M <= 16), and the raw-accumulator debug path
-    of the GEMM kernel: the same main loop as `triton_int_linear`, no epilogue.
+    The `int_matmul` op for shapes torch._int_mm refuses (M <= 16), and the raw-accumulator path of the
+    GEMM kernel: the same main loop as `triton_int_linear`, no epilogue.
     """
     require_kernel_device(a, b)
     if a.dtype != torch.int8 or a.dim() != 2:
@@ -405,8 +599,7 @@ def triton_int_matmul(a: torch.Tensor, b: torch.Tensor, *, w_bits: int = 8,
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     if out.numel() == 0:
         return out
-    a = a if a.stride(-1) == 1 else a.contiguous()
-    b = b if b.stride(-1) == 1 else b.contiguous()
-    config = config or choose_gemm_config(a.shape[0], b.shape[0], k, 0, a.device)
+    a, b = _row_major(a), _row_major(b)
+    config = config or choose_gemm_config(a.shape[0], b.shape[0], k, 0, a.device, w_int4=w_int4)
     _launch(a, b, None, None, None, None, None, out, k, w_int4, 0, True, config)
     return out

@@ -21,8 +21,16 @@ in one kernel: the normalized activation never goes to memory, only int8 codes a
 That fusion is what makes int8 pay on Hopper (shared/ANCHORS.md); it computes in float32 throughout,
 so for bf16 inputs it is the float32 composition, without the bf16 roundings between the eager ops.
 
+`gelu_quantize` computes aten.gelu (approximate "none" or "tanh") and quantizes its output in one pass:
+the fc2 input of a DiT block, which otherwise makes a round trip through memory in bf16. The GELU is
+aten's formula in float32, rounded to the input dtype as aten's output is, so the codes are those of
+`quantize_act(gelu(x))` (see `gelu_quantize` for how exact that is).
+
 Tiles are 3-D [rows, groups, group length], padded to powers of two and masked, so one layout serves
 per-token (one group of length C) and per-group quantization, and any C (1152 is not a power of two).
+
+The launchers are traceable by `torch.library.triton_op`: shapes, strides and dtypes decide everything,
+outputs are allocated inside, and kernels launch through `torch.library.wrap_triton`.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dqcompile.backends.triton import require_kernel_device
+from dqcompile.backends.triton.jitutils import round_to
 from dqcompile.quant.uniform import MIN_SCALE
 
-__all__ = ["ln_modulate_quantize", "quantize_act"]
+__all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quantize_act"]
 
 # Round half to even, as torch.round. On the GPU: libdevice's rint. The interpreter has no libdevice, so
 # there adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
@@ -49,6 +58,12 @@ _MIN_SCALE = tl.constexpr(MIN_SCALE)
 # Elements per program for the memory-bound kernels: enough work per program to hide latency with
 # few rows (C = 1152 pads to 2048, so two rows per program).
 _TILE_ELEMENTS = 4096
+# aten.gelu's constants (ATen/native/cuda/ActivationGeluKernel.cu), as float32.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_GELU_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2) * 2 / sqrt(pi) * 0.5
+_GELU_KAPPA = tl.constexpr(0.044715)
+# GELU variant codes of the kernels' PRE_OP: none, exact (erf), tanh approximation.
+GELU_APPROXIMATIONS = {"none": 1, "tanh": 2}
 
 
 @triton.jit
@@ -56,6 +71,29 @@ def _round_half_even(v):
     if _INTERPRETED:
         return (v + _ROUND_MAGIC) - _ROUND_MAGIC
     return libdevice.rint(v)
+
+
+@triton.jit
+def _tanh(v):
+    if _INTERPRETED:  # 1 - 2 / (e^2v + 1): close enough for the interpreter tests, which allow an ulp
+        v = tl.minimum(tl.maximum(v, -20.0), 20.0)  # tanh(+-20) is +-1 in float32; avoids exp overflow
+        return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
+    return libdevice.tanh(v)
+
+
+@triton.jit
+def _gelu(x, PRE_OP: tl.constexpr):
+    """aten.gelu in float32, operation for operation as its CUDA kernel evaluates it.
+
+    "none": x * 0.5 * (1 + erf(x * sqrt(1/2))). "tanh": 0.5 * x * (1 + tanh(beta * (x + kappa * x^3))),
+    where nvcc contracts x + kappa * x^3 into one FMA (its default, -fmad=true), so the kernel does too.
+    """
+    if PRE_OP == 1:
+        return (x * 0.5) * (1.0 + tl.math.erf(x * _SQRT1_2))
+    else:
+        cube = (x * x) * x
+        inner = _GELU_BETA * tl.fma(cube, _GELU_KAPPA, x)
+        return (0.5 * x) * (1.0 + _tanh(inner))
 
 
 @triton.jit
@@ -92,21 +130,32 @@ def _quantize_groups(h, valid, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _quantize_act_kernel(
-    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    x_ptr, q_ptr, scale_ptr, zero_ptr, h_ptr,
     R, stride_xr,
     NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    PRE_OP: tl.constexpr, STORE_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """BLOCK_R rows of x [R, NUM_GROUPS * GROUP_LEN] -> codes (contiguous [R, C]), scale / zero [R, G]."""
+    """BLOCK_R rows of x [R, NUM_GROUPS * GROUP_LEN] -> codes (contiguous [R, C]), scale / zero [R, G].
+
+    PRE_OP 0 quantizes x itself; 1 / 2 quantize aten.gelu(x) (approximate "none" / "tanh"), computed in
+    float32 and rounded to x's dtype first, as aten's output is.
+    """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_g = tl.arange(0, BLOCK_G)
     offs_l = tl.arange(0, BLOCK_L)
     cols = offs_g[None, :, None] * GROUP_LEN + offs_l[None, None, :]
     valid = ((offs_r < R)[:, None, None] & (offs_g < NUM_GROUPS)[None, :, None]
              & (offs_l < GROUP_LEN)[None, None, :])
-    x = tl.load(x_ptr + offs_r[:, None, None] * stride_xr + cols, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs_r[:, None, None] * stride_xr + cols, mask=valid, other=0.0)
+    if PRE_OP != 0:
+        x = round_to(_gelu(x.to(tl.float32), PRE_OP), x_ptr.dtype.element_ty)  # padding lanes: gelu(0) = 0
+    x = x.to(tl.float32)
     codes, scale, zero = _quantize_groups(x, valid, BITS, SYMMETRIC)
-    tl.store(q_ptr + offs_r[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols, codes.to(tl.int8), mask=valid)
+    row_offs = offs_r[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols
+    tl.store(q_ptr + row_offs, codes.to(tl.int8), mask=valid)
+    if STORE_H:
+        tl.store(h_ptr + row_offs, x, mask=valid)
     group_offs = offs_r[:, None] * NUM_GROUPS + offs_g[None, :]
     group_valid = (offs_r < R)[:, None] & (offs_g < NUM_GROUPS)[None, :]
     tl.store(scale_ptr + group_offs, scale, mask=group_valid)
@@ -192,12 +241,9 @@ def _rows_per_program(block_g: int, block_l: int) -> tuple[int, int]:
     return rows, 8 if rows * row_elements >= 4096 else 4
 
 
-def quantize_act(x: torch.Tensor, bits: int, group_size: int,
-                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dqcompile::quantize_act` on Triton: dynamic quantization of the last dim of x.
-
-    Returns (q int8 like x, scale float32 [..., G], zero int32 [..., G]); G = 1 for group_size 0.
-    """
+def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, pre_op: int,
+                   store_h: bool) -> tuple[torch.Tensor, ...]:
+    """Launch `_quantize_act_kernel` over the rows of x's last dim; returns (q, scale, zero[, h])."""
     require_kernel_device(x)
     channels = x.shape[-1]
     num_groups, group_len, block_g, block_l = _group_layout(channels, group_size, bits)
@@ -205,19 +251,53 @@ def quantize_act(x: torch.Tensor, bits: int, group_size: int,
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty((*leading, num_groups), dtype=torch.float32, device=x.device)
     zero = torch.empty((*leading, num_groups), dtype=torch.int32, device=x.device)
-    if q.numel() == 0:
-        return q, scale, zero
-    x2 = x.reshape(-1, channels)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    block_r, num_warps = _rows_per_program(block_g, block_l)
-    _quantize_act_kernel[(triton.cdiv(rows, block_r),)](
-        x2, q, scale, zero, rows, x2.stride(0),
-        NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
-        BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=num_warps,
-    )
-    return q, scale, zero
+    h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if store_h else None
+    if q.numel() != 0:
+        x2 = x.reshape(-1, channels)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows = x2.shape[0]
+        block_r, num_warps = _rows_per_program(block_g, block_l)
+        torch.library.wrap_triton(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
+            x2, q, scale, zero, h if h is not None else q, rows, x2.stride(0),
+            NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
+            PRE_OP=pre_op, STORE_H=store_h,
+            BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=num_warps,
+        )
+    return (q, scale, zero) + ((h,) if store_h else ())
+
+
+def quantize_act(x: torch.Tensor, bits: int, group_size: int,
+                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dqcompile::quantize_act` on Triton: dynamic quantization of the last dim of x.
+
+    Returns (q int8 like x, scale float32 [..., G], zero int32 [..., G]); G = 1 for group_size 0.
+    """
+    return _quantize_rows(x, bits, group_size, symmetric, 0, False)
+
+
+def gelu_quantize(x: torch.Tensor, approximate: str, bits: int, group_size: int, symmetric: bool, *,
+                  return_activation: bool = False) -> tuple[torch.Tensor, ...]:
+    """`quantize_act(aten.gelu(x, approximate=approximate), bits, group_size, symmetric)` in one kernel.
+
+    The GELU runs in float32 with aten's CUDA formula (`_gelu`) and is rounded to x's dtype, as aten's
+    output is; the quantization is `quantize_act`'s, bit for bit given that GELU output. On a GPU the GELU
+    is aten's operation for operation (libdevice's erf / tanh are the CUDA math library's), so the codes
+    are those of the unfused ops; the CUDA tests check that. In the interpreter erf and tanh come from
+    numpy / exp, a rounding step away from the CPU's aten.gelu at times.
+
+    Args:
+        x: [..., C] of any float dtype (fc1's output).
+        approximate: "none" or "tanh", as aten.gelu's argument.
+        bits, group_size, symmetric: as in `quantize_act`.
+        return_activation: also return the float32 GELU output the codes were made from (tests).
+
+    Returns:
+        (q int8 like x, scale float32 [..., G], zero int32 [..., G]), plus the activation on request.
+    """
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {sorted(GELU_APPROXIMATIONS)}, got {approximate!r}")
+    return _quantize_rows(x, bits, group_size, symmetric, GELU_APPROXIMATIONS[approximate], return_activation)
 
 
 def _modulation_view(mod: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
@@ -272,7 +352,7 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if return_normalized else None
     if q.numel() != 0:
         block_t, num_warps = _rows_per_program(block_g, block_l)
-        _ln_modulate_quantize_kernel[(triton.cdiv(tokens, block_t), batch)](
+        torch.library.wrap_triton(_ln_modulate_quantize_kernel)[(triton.cdiv(tokens, block_t), batch)](
             x,
             ln_weight if ln_weight is not None else x,
             ln_bias if ln_bias is not None else x,

@@ -1,0 +1,54 @@
+"""Small Triton helpers shared by the kernels: float32 operations rounded on their own, and casts that
+round the same way on the GPU and in the Triton interpreter (TRITON_INTERPRET=1, the CPU tests).
+
+The interpreter has no libdevice, and it casts float32 to bfloat16 by truncating the mantissa; these
+helpers fall back to plain operations there and round bfloat16 casts on the bits, so that interpreted
+kernels give the GPU's results.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - old Triton
+    libdevice = None
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """float32 a * b, rounded on its own: never contracted with a following add into an FMA."""
+    if _INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def add_rn(a, b):
+    """float32 a + b, rounded on its own."""
+    if _INTERPRETED:
+        return a + b
+    else:
+        return libdevice.add_rn(a, b)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """float32 x rounded to `dtype` (to nearest, ties to even, as torch and the GPU cast), as `dtype`.
+
+    In the interpreter a bfloat16 target is rounded on the float32 bits first (finite values), since
+    its own cast truncates.
+    """
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
