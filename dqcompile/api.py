@@ -306,7 +306,9 @@ def _skeleton(plan: Mapping[str, Any], folder: Path) -> nn.Module:
         raise ValueError(f"{folder / PLAN_FILE}: no model config to rebuild {plan['source_class']} from; pass model=...")
     dtype = getattr(torch, plan["dtype"])
     with torch.device("meta"):
-        skeleton = cls.from_config(plan["config"]).to(dtype)
+        skeleton = cls.from_config(plan["config"])
+    if dtype != torch.float32:  # diffusers warns on every cast, so cast only when needed
+        skeleton = skeleton.to(dtype)
     _check_skeleton(skeleton, plan, folder)
     return skeleton.to_empty(device="cpu")
 

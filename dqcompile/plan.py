@@ -38,6 +38,10 @@ ACTIVATION_TENSORS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The fields of the plan dataclasses that hold tensors (saved as safetensors, not JSON).
+_TENSOR_FIELDS = ("qweight", "scale", "tensors", "tensor")
+
+
 @dataclass
 class WeightPlan:
     """The weight of one quantized linear: symmetric integer codes, per output channel or per group.
@@ -142,7 +146,7 @@ class AttentionPlan:
     node_name: str
     heads: int
     head_dim: int
-    scale: float
+    softmax_scale: float
     bits: int
     two_region_softmax: bool
     tensors: dict[str, Tensor] = field(default_factory=dict)
@@ -211,10 +215,7 @@ class ModelPlan:
         """The plan's metadata (no tensors): the inverse of `from_json` given `tensors()`."""
 
         def without_tensors(obj: Any) -> dict[str, Any]:
-            data = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-            for key in ("qweight", "scale", "tensors", "tensor"):
-                data.pop(key, None)
-            return data
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in _TENSOR_FIELDS}
 
         layers = []
         for plan in self.layers.values():

@@ -99,8 +99,8 @@ def test_spec_validation_and_group_plans(tmp_path):
     (tmp_path / "plan.json").write_text('{"group_sizes": {"blocks.0.fc2": 64, "blocks.0.fc1": 32}}')
     from_file = spec.with_group_plan(tmp_path / "plan.json")
     assert from_file == spec.with_group_plan({"blocks.0.fc1": 32, "blocks.0.fc2": 64})
-    assert from_file.layer("blocks.0.fc2").weight_group_size == 64
-    assert from_file.layer("blocks.1.fc2").weight_group_size == 128  # not in the plan: the spec's size
+    assert from_file.group_size("blocks.0.fc2") == 64
+    assert from_file.group_size("blocks.1.fc2") == 128  # not in the plan: the spec's size
     assert QuantSpec.from_dict(from_file.to_dict()) == from_file
 
 

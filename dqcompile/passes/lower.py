@@ -240,7 +240,7 @@ def _lower_attention(gm: GraphModule, node: Node, plan: AttentionPlan, groups: t
     )
     p_low_scale = _per_group(emit, f"{path}.p_low_scale", groups, q, []) if plan.two_region_softmax else None
     attention = emit.call(OPS.int_attention.default, q, k, v, q_scale, k_scale, v_scale, p_low_scale, plan.bits,
-                          plan.scale)
+                          plan.softmax_scale)
     attention.meta["val"] = node.meta["val"]
     node.replace_all_uses_with(attention)
     gm.graph.erase_node(node)

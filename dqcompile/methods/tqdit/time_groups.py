@@ -154,7 +154,7 @@ def write_plans(gm: GraphModule, ctx: PassContext) -> None:
         if tables.p_low_scale is not None:
             tensors["p_low_scale"] = tables.p_low_scale.float()
         ctx.plan.attention[site.name] = AttentionPlan(
-            name=site.name, node_name=site.node_name, heads=site.heads, head_dim=site.head_dim, scale=site.scale,
+            name=site.name, node_name=site.node_name, heads=site.heads, head_dim=site.head_dim, softmax_scale=site.scale,
             bits=ctx.spec.activations.bits, two_region_softmax=tables.p_low_scale is not None, tensors=tensors,
         )
     ctx.plan.time_boundaries = groups.boundaries.clone()
