@@ -7,8 +7,9 @@
     python benchmarks/evaluate.py --list                       # the row sets and their rows
 
 A row is a label, a spec and options. The spec is `fp` (the float model) or a preset with optional
-`field=value` overrides of the spec, dotted for nested fields (`w4a8:activations.mode=static_tensor`,
-`ptq4dit-w4a8:ptq4dit.ssc=false`, `qdit-w4a8:qdit.rounding=gptq`). Options: sampler overrides (after `@`
+`field=value` overrides of the spec's dict form (QuantSpec.to_dict), dotted for nested fields
+(`w4a8:activations.mode=static_tensor`, `ptq4dit-w4a8:options.ssc=false`, `qdit-w4a8:weights.rounding=gptq`;
+`options` holds the method's own options). Options: sampler overrides (after `@`
 on the command line: `fp@scheduler=ddpm,steps=250,clip_sample=false`), calibration settings, a Q-DiT
 group-size search or a searched plan file. `--rows` names row sets (below, or `--list`); `--row` adds
 rows; both may repeat and are run in order.
@@ -121,21 +122,26 @@ def _ptq4dit_rows() -> list[Row]:
     rows = [row("fp")]
     for bits in ("w8a8", "w4a8"):
         rows += [row(f"RTN {bits} static", f"{bits}:activations.mode=static_tensor"),
-                 row(f"CSB {bits}", f"ptq4dit-{bits}:ptq4dit.ssc=false"),
+                 row(f"CSB {bits}", f"ptq4dit-{bits}:options.ssc=false"),
                  row(f"CSB+SSC {bits}", f"ptq4dit-{bits}")]
     return rows
+
+
+# The Q-DiT ablation's static rows calibrate on 10 timesteps x 16 images (as its first H100 run did).
+QDIT_CALIBRATION = {"timesteps": 10, "per_timestep": 16}
 
 
 def _qdit_rows(extra: bool = False) -> list[Row]:
     rows = [row("fp")]
     for bits in (4, 6):
         preset = f"qdit-w{bits}a8"
-        rows += [row(f"rtn w{bits}a8", f"w8a8:weights.bits={bits},activations.mode=static_tensor"),
-                 row(f"group128 w{bits}a8", f"{preset}:activations.mode=static_tensor"),
+        rows += [row(f"rtn w{bits}a8", f"w8a8:weights.bits={bits},activations.mode=static_tensor",
+                     calibration=QDIT_CALIBRATION),
+                 row(f"group128 w{bits}a8", f"{preset}:activations.mode=static_tensor", calibration=QDIT_CALIBRATION),
                  row(f"group128+dynamic w{bits}a8", preset)]
         if extra:
             rows += [row(f"group128+dynamic-sample w{bits}a8", f"{preset}:activations.mode=dynamic_sample_group"),
-                     row(f"gptq w{bits}a8", f"{preset}:qdit.rounding=gptq", calibration={"timesteps": 10, "per_timestep": 16})]
+                     row(f"gptq w{bits}a8", f"{preset}:weights.rounding=gptq", calibration=QDIT_CALIBRATION)]
         else:
             rows.append(row(f"searched w{bits}a8", preset, search={
                 "fitness": "fid", "samples": 256, "population": 8, "iterations": 2, "top_k": 3, "crossover": 3,
@@ -145,10 +151,10 @@ def _qdit_rows(extra: bool = False) -> list[Row]:
 
 def _tqdit_rows() -> list[Row]:
     rows = [row("fp")]
-    stages = {"rtn": "tqdit.mrq=false,tqdit.time_groups=1,tqdit.hessian=false",
-              "+mrq": "tqdit.time_groups=1,tqdit.hessian=false",
-              "+tgq": "tqdit.hessian=false",
-              "+ho": "tqdit.hessian_rows=2048"}
+    stages = {"rtn": "options.mrq=false,options.time_groups=1,options.hessian=false",
+              "+mrq": "options.time_groups=1,options.hessian=false",
+              "+tgq": "options.hessian=false",
+              "+ho": "options.hessian_rows=2048"}
     for width in ("w8a8", "w6a6"):
         for stage, overrides in stages.items():
             # Calibration: every sampling step recorded (TQ-DiT groups timesteps), 32 images per step.
@@ -205,18 +211,19 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 def parse_spec(text: str, schedule: dict[str, Any] | None = None) -> QuantSpec | None:
     """`fp` -> None; `preset[:field=value,...]` -> the spec (overrides through to_dict / from_dict).
 
-    A TQ-DiT spec gets the model's training schedule (beta_schedule, num_train_timesteps) for its
-    denoising loss, unless the overrides set them."""
+    Method options that name the noise schedule (TQ-DiT's beta_schedule, num_train_timesteps, for its
+    denoising loss) get the model's training schedule, unless the overrides set them."""
     if text == "fp":
         return None
     preset, _, overrides = text.partition(":")
     spec = QuantSpec.resolve(preset)
     data = spec.to_dict()
     items = [item.partition("=") for item in filter(None, overrides.split(","))]
-    if schedule is not None and isinstance(data.get("tqdit"), dict) and data.get("method") == "tqdit":
+    options = data.get("options")
+    if schedule is not None and isinstance(options, dict):  # TQ-DiT's HO needs the model's schedule
         for key in ("beta_schedule", "num_train_timesteps"):
-            if key in data["tqdit"] and key in schedule:
-                data["tqdit"][key] = schedule[key]
+            if key in options and key in schedule:
+                options[key] = schedule[key]
     for field, _, value in items:
         _set_path(data, field.split("."), _parse_value(value))
     data["name"] = text
@@ -485,7 +492,7 @@ def markdown(output: dict[str, Any]) -> str:
                 verdict = compare(r["stats"], baseline["stats"], metric) if baseline and r is not baseline else ""
                 cell += f" {verdict}" if verdict else ""
             cells.append(cell)
-        cells += [f"{r['images_per_second']:.0f}", f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else ""]
+        cells += [f"{r['images_per_second']:.3g}", f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [r["label"] for r in output["rows"] if r.get("skipped")]
     if skipped:
@@ -591,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(output, indent=2, default=str))
         summary = ", ".join(f"{key} {stat['mean']:.4g}" + (f" +- {stat['std']:.2g}" if "std" in stat else "")
                             for key, stat in result["stats"].items() if key in TABLE_METRICS)
-        print(f"{r.label}: {summary}; {result['images_per_second']:.0f} img/s; row {seconds:.0f} s, "
+        print(f"{r.label}: {summary}; {result['images_per_second']:.3g} img/s; row {seconds:.0f} s, "
               f"{time.perf_counter() - started:.0f} s so far", flush=True)
     output["total_seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(output, indent=2, default=str))

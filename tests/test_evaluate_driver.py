@@ -36,8 +36,8 @@ def test_rows_from_the_command_line() -> None:
     labelled = driver.parse_row("w4a8-static=w4a8:activations.mode=static_tensor@steps=3,clip_sample=false")
     assert (labelled.label, labelled.spec) == ("w4a8-static", "w4a8:activations.mode=static_tensor")
     assert dict(labelled.sampler) == {"steps": 3, "clip_sample": False}
-    bare = driver.parse_row("qdit-w4a8:qdit.rounding=gptq")
-    assert bare.label == bare.spec == "qdit-w4a8:qdit.rounding=gptq" and bare.sampler == ()
+    bare = driver.parse_row("qdit-w4a8:weights.rounding=gptq")
+    assert bare.label == bare.spec == "qdit-w4a8:weights.rounding=gptq" and bare.sampler == ()
     assert dict(driver.parse_row("fp@scheduler=ddpm,steps=250").sampler) == {"scheduler": "ddpm", "steps": 250}
     with pytest.raises(ValueError, match="unknown sampler setting"):
         driver.parse_row("fp@stepz=3")
@@ -48,8 +48,10 @@ def test_specs_with_overrides() -> None:
     spec = driver.parse_spec("w4a8:activations.mode=static_tensor")
     assert spec.weights.bits == 4 and spec.activations.mode == "static_tensor" and spec.needs_calibration
     schedule = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
-    tqdit = driver.parse_spec("tqdit-w8a8:tqdit.time_groups=1", schedule)
-    assert tqdit.tqdit.beta_schedule == "squaredcos_cap_v2" and tqdit.tqdit.time_groups == 1
+    tqdit = driver.parse_spec("tqdit-w8a8:options.time_groups=1", schedule)
+    assert tqdit.options.beta_schedule == "squaredcos_cap_v2" and tqdit.options.time_groups == 1
+    assert driver.parse_spec("ptq4dit-w4a8:options.ssc=false").options.ssc is False
+    assert driver.parse_spec("qdit-w4a8:weights.rounding=gptq").weights.rounding == "gptq"
     with pytest.raises(ValueError, match="no field 'activation'"):
         driver.parse_spec("w8a8:activation.mode=static_tensor")
     with pytest.raises(ValueError, match="unknown preset"):
