@@ -4,7 +4,7 @@ Conventions (docs/CONTRACTS.md, "Integer conventions"):
 
 - Symmetric, ``b`` bits: zero point 0, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``,
   ``s = max|x| / (2^(b-1) - 1)``.
-- Asymmetric, ``b`` bits: codes in ``[-2^(b-1), 2^(b-1) - 1]`` (the unsigned codes of METHODS.md shifted
+- Asymmetric, ``b`` bits: codes in ``[-2^(b-1), 2^(b-1) - 1]`` (the unsigned codes of docs/methods.md shifted
   down by ``2^(b-1)`` so they fit an int8 container), ``x_hat = s * (q - z)`` with an int32 zero point
   ``z``. The range ``[min, max]`` is first extended to hold 0, so 0 is always exactly representable:
   ``s = (max - min) / (2^b - 1)``, ``z = qmin - round(min / s)``.
