@@ -30,9 +30,11 @@ from dqcompile.quant.packing import unpack_int4
 FLOAT32_EXACT_K = 2**10
 # float32 holds every integer of magnitude up to 2^24 exactly.
 FLOAT32_EXACT_INT = 2**24
-# Rows per block: the block's float32 [rows, N] (or [rows, K]) stays within this many bytes (L2-sized).
-BLOCK_BYTES = 1 << 19
-MIN_BLOCK_ROWS = 64
+# Rows per block of the elementwise passes: the block's float32 [rows, N] (or [rows, K]) stays within this
+# many bytes, so that a block's passes after the first find it in cache. Not smaller: every ATen call is a
+# parallel region, whose barrier costs a scheduler time slice when the cores are shared with other work.
+BLOCK_BYTES = 1 << 22
+MIN_BLOCK_ROWS = 256
 
 
 def exact_float_dtype(k: int) -> torch.dtype:
@@ -137,49 +139,43 @@ def int_linear_rows(rows: Tensor, row_scale: Tensor, row_zero: Tensor | None, co
 
     y = torch.empty((m, n), dtype=torch.float32)
     if groups == 1:
-        # y = 0 + t, then + bias: adding bias + 0 to t gives the same bits, -0 included.
+        # One GEMM over all rows (a GEMM per block would repack the weight each time), written into y when
+        # float32 holds its sums and the zero-point term exactly, else converted into y once.
+        if use_int_mm:
+            acc = torch._int_mm(rows, codes_w.t())
+        elif exact == torch.float32:
+            acc = torch.mm(rows.to(exact), w_exact.t(), out=y)
+        else:
+            acc = torch.mm(rows.to(exact), w_exact.t())
+        if zero_exact is not None:
+            acc.addr_(zero_exact[:, 0], w_sum_exact[:, 0], alpha=-1)
+        if acc is not y:
+            y.copy_(acc)  # the one rounding of float(acc - z wsum), as the reference's .float()
+            del acc
+        # y = 0 + t, then + bias: adding (bias + 0) to t gives the same bits, -0 included.
         addend = 0.0 if bias is None else bias.float() + 0.0
         block_rows = _block_rows(n)
         scales = torch.empty((min(block_rows, m), n), dtype=torch.float32)
         for start in range(0, m, block_rows):
             stop = min(start + block_rows, m)
-            out = y[start:stop]
-            if use_int_mm:
-                acc = torch._int_mm(rows[start:stop].contiguous(), codes_w.t())
-                if zero_exact is not None:
-                    acc.addr_(zero_exact[start:stop, 0], w_sum_exact[:, 0], alpha=-1)
-                out.copy_(acc)
-            elif exact == torch.float32:
-                torch.mm(rows[start:stop].to(exact), w_exact.t(), out=out)
-                if zero_exact is not None:
-                    out.addr_(zero_exact[start:stop, 0], w_sum_exact[:, 0], alpha=-1)
-            else:
-                acc = torch.mm(rows[start:stop].to(exact), w_exact.t())
-                if zero_exact is not None:
-                    acc.addr_(zero_exact[start:stop, 0], w_sum_exact[:, 0], alpha=-1)
-                out.copy_(acc)
             block_scale = torch.mul(row_scale[start:stop, 0, None], w_scale[:, 0], out=scales[: stop - start])
-            out.mul_(block_scale).add_(addend)
+            y[start:stop].mul_(block_scale).add_(addend)
         return y
 
     y.zero_()
-    w_groups = w_exact.view(n, groups, size).permute(1, 2, 0)  # [G, g, N]
-    block_rows = _block_rows(n * groups)
-    for start in range(0, m, block_rows):
-        stop = min(start + block_rows, m)
-        a = rows[start:stop].view(stop - start, groups, size).transpose(0, 1).to(exact)  # [G, r, g]
-        acc = torch.bmm(a, w_groups)  # [G, r, N], exact
-        out = y[start:stop]
-        for j in range(groups):
-            term = acc[j]
-            if zero_exact is not None:
-                term.addr_(zero_exact[start:stop, j], w_sum_exact[:, j], alpha=-1)
-            if exact != torch.float32:
-                term = term.float()
-            term.mul_(torch.mul(row_scale[start:stop, j, None], w_scale[:, j]))
-            out.add_(term)
-        if bias is not None:
-            out.add_(bias.float())
+    # [G, M, g] x [G, g, N] -> [G, M, N]: every group's exact sums in one batched GEMM.
+    a = rows.view(m, groups, size).transpose(0, 1).to(exact)
+    acc = torch.bmm(a, w_exact.view(n, groups, size).permute(1, 2, 0))
+    for j in range(groups):
+        term = acc[j]
+        if zero_exact is not None:
+            term.addr_(zero_exact[:, j], w_sum_exact[:, j], alpha=-1)
+        if exact != torch.float32:
+            term = term.float()
+        term.mul_(torch.mul(row_scale[:, j, None], w_scale[:, j]))
+        y.add_(term)
+    if bias is not None:
+        y.add_(bias.float())
     return y
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from dqcompile.backends import cpu_path
 from dqcompile.quant.mrq import mrq_quantize
 from dqcompile.quant.packing import unpack_int4
-from dqcompile.quant.uniform import QParams, compute_qparams, num_groups, qrange, quantize
+from dqcompile.quant.uniform import MIN_SCALE, QParams, divide, num_groups, qrange, quantize
 from dqcompile.quant.weights import QuantizedWeight
 
 # int8 x int8 products are at most 2^14 in magnitude (-128 * -128), so an int32 accumulator is exact for
@@ -45,6 +45,24 @@ def _quantize(x: Tensor, qp: QParams) -> Tensor:
     return cpu_path.quantize_rows(rows, scale, zero, groups, qmin, qmax).reshape(x.shape)
 
 
+def _dynamic_qparams(x: Tensor, bits: int, symmetric: bool, group_size: int) -> QParams:
+    """``compute_qparams(x, bits, symmetric=symmetric, granularity="group" / "token", group_size=group_size)``
+    by the same operations, except that the minimum and maximum come from ``amin`` / ``amax`` (the same
+    values: a min is exact) instead of ``aminmax``, which is 20x slower on the CPU for rows this short."""
+    groups = num_groups(x.shape[-1], group_size)
+    grouped = x.float().reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        scale = divide(torch.maximum(hi, -lo), qmax).clamp_min(MIN_SCALE)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        lo = lo.clamp_max(0.0)
+        scale = divide(hi.clamp_min(0.0) - lo, qmax - qmin).clamp_min(MIN_SCALE)
+        zero = (qmin - torch.round(lo / scale)).to(torch.int32)
+    return QParams(scale=scale, zero=zero, bits=bits, symmetric=symmetric, group_size=group_size)
+
+
 def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Dynamic quantization of the last dim of ``x``, one (scale, zero) per token or per group.
 
@@ -58,9 +76,7 @@ def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> tupl
     Returns:
         q: int8, shaped like ``x``; scale: float32 ``[..., G]``; zero: int32 ``[..., G]``.
     """
-    qp = compute_qparams(
-        x, bits, symmetric=symmetric, granularity="group" if group_size else "token", group_size=group_size
-    )
+    qp = _dynamic_qparams(x, bits, symmetric, group_size)
     return _quantize(x, qp), qp.scale, qp.zero
 
 
@@ -83,7 +99,7 @@ def quantize_act_per_sample(x: Tensor, bits: int, group_size: int, symmetric: bo
     # [B, T, G, g] -> [B, G, T * g]: each row holds one group of one sample, so "token" granularity
     # reduces over exactly the values that share a (scale, zero).
     per_group = x.reshape(batch, tokens, groups, k // groups).transpose(1, 2).reshape(batch, groups, -1)
-    rows = compute_qparams(per_group, bits, symmetric=symmetric, granularity="token")
+    rows = _dynamic_qparams(per_group, bits, symmetric, 0)
     shape = (batch, *[1] * (x.dim() - 2), groups)
     qp = QParams(
         scale=rows.scale.reshape(shape), zero=rows.zero.reshape(shape), bits=bits, symmetric=symmetric,
