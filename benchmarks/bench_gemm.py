@@ -14,8 +14,10 @@ Per shape, in the same process:
   w8a8_e2e  quantize_act + w8a8: the whole quantized linear from a bf16 input
 With --sweep, w8a8 and w4a8 run every tile config of the sweep lists below and keep the fastest; without
 it, the config `choose_gemm_config` picks. Every Triton figure is checked bit for bit against the reference
-backend first. Figures are TOP/s (TFLOP/s for bf16 and fp8) = 2 M N K / median time; times are the median
-of CUDA-event timings of single calls, L2 flushed before each (triton.testing.do_bench).
+backend first. Figures are TOP/s (TFLOP/s for bf16 and fp8) = 2 M N K / median time. Times are medians of CUDA-event
+timings of CUDA-graph replays of N consecutive calls (the GPU's time; Inductor's generated code launches
+these kernels with no Python in between), the same method for every row; the eager time of one call as
+Python sees it (launch included, L2 flushed) is recorded beside the baselines and the default configs.
 
 Fused quantizers: LayerNorm + adaLN modulate + quantize ([B, 256, 1152], B = 16, 64) and GELU + quantize
 (fc2's input, [M, 4608]) against their unfused torch compositions.
@@ -50,9 +52,17 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from dqcompile.backends import reference  # noqa: E402
-from dqcompile.backends.triton.gemm import GemmConfig, choose_gemm_config, triton_int_linear  # noqa: E402
-from dqcompile.backends.triton.gemm import weight_group_sums  # noqa: E402
-from dqcompile.backends.triton.quantize import gelu_quantize, ln_modulate_quantize, quantize_act  # noqa: E402
+from dqcompile.backends.triton.gemm import (  # noqa: E402
+    GemmConfig,
+    choose_gemm_config,
+    triton_int_linear,
+    weight_group_sums,
+)
+from dqcompile.backends.triton.quantize import (  # noqa: E402
+    gelu_quantize,
+    ln_modulate_quantize,
+    quantize_act,
+)
 from dqcompile.quant.packing import pack_int4  # noqa: E402
 
 LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
@@ -128,12 +138,48 @@ class Run:
 
 
 def _median_ms(fn: Callable[[], object], quick: bool = False) -> float:
+    """Median time of one call, from CUDA-graph replays of `calls` consecutive calls (events around each
+    replay): the GPU's time alone, without the Python launch cost of an eager call (which Inductor's
+    generated code does not pay either). Consecutive calls leave the operands in L2 where they fit, the same
+    for every method."""
     if DRY_RUN:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    warmup, rep = (5, 25) if quick else (20, 80)
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    calls = max(3, min(200, int((1.0 if quick else 3.0) / estimate)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7 if quick else 15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return float(sorted(times)[len(times) // 2])
+
+
+def _eager_ms(fn: Callable[[], object]) -> float:
+    """Median time of one eager call as a Python caller sees it (launch included), L2 flushed before each."""
+    if DRY_RUN:
+        return _median_ms(fn)
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
 def _tops(m: int, n: int, k: int, ms: float) -> float:
@@ -178,6 +224,25 @@ class Problem:
                                     torch.bfloat16)
 
 
+def _fp8_linear(p: Problem, record: dict) -> Callable[[], torch.Tensor]:
+    """cuBLAS fp8 through torch._scaled_mm with row-wise scales and the bias fused, or without the bias where
+    this torch refuses a bias with row-wise scales (recorded)."""
+    def with_bias() -> torch.Tensor:
+        return torch._scaled_mm(p.x_fp8, p.w_fp8.t(), scale_a=p.x_fp8_scale, scale_b=p.w_fp8_scale, bias=p.bias,
+                                out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    def without_bias() -> torch.Tensor:
+        return torch._scaled_mm(p.x_fp8, p.w_fp8.t(), scale_a=p.x_fp8_scale, scale_b=p.w_fp8_scale,
+                                out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    try:
+        with_bias()
+        return with_bias
+    except Exception as error:  # noqa: BLE001
+        record["fp8_note"] = f"bias refused with row-wise scales ({type(error).__name__}); timed without bias"
+        return without_bias
+
+
 def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> bool:
     """Bit-identical to the reference? Raises beyond one output rounding step (the contract)."""
     if torch.equal(actual, expected):
@@ -217,14 +282,13 @@ def _gemm_case(run: Run, layer: str, m: int, k: int, n: int, sweep: bool) -> Non
     baselines: dict[str, Callable[[], torch.Tensor]] = {"bf16": lambda: F.linear(p.x, p.w, p.bias)}
     if m > 16:
         baselines["int_mm"] = lambda: torch._int_mm(p.qx, p.codes8.t())
-        baselines["fp8"] = lambda: torch._scaled_mm(p.x_fp8, p.w_fp8.t(), scale_a=p.x_fp8_scale,
-                                                    scale_b=p.w_fp8_scale, bias=p.bias, out_dtype=torch.bfloat16,
-                                                    use_fast_accum=True)
+        baselines["fp8"] = _fp8_linear(p, record)
     for name, fn in baselines.items():
         try:
             fn()
             ms = _median_ms(fn)
-            record["baselines"][name] = {"ms": round(ms, 5), "tops": _tops(m, n, k, ms)}
+            record["baselines"][name] = {"ms": round(ms, 5), "tops": _tops(m, n, k, ms),
+                                         "eager_ms": round(_eager_ms(fn), 5)}
         except Exception as error:  # noqa: BLE001
             run.data["errors"].append(f"{layer} M={m} {name}: {type(error).__name__}: {str(error)[:300]}")
     if "int_mm" in baselines and "int_mm" in record["baselines"]:
@@ -235,7 +299,8 @@ def _gemm_case(run: Run, layer: str, m: int, k: int, n: int, sweep: bool) -> Non
         expected = p.expected(w_bits)
         default = choose_gemm_config(m, n, k, 0, p.x.device, w_int4=w_bits == 4)
         record.setdefault("default_config", {})[name] = default.label()
-        _time_triton(run, record, name, make(default), expected, default.label(), quick=False)
+        if _time_triton(run, record, name, make(default), expected, default.label(), quick=False) is not None:
+            record[name][default.label()]["eager_ms"] = round(_eager_ms(make(default)), 5)
         if sweep:
             configs = sweep_small(m) if m <= 64 else (SWEEP_W8 if w_bits == 8 else SWEEP_W4)
             for config in configs:
@@ -340,7 +405,8 @@ def _precompile_worker(jobs: list[tuple[str, int, int, int, str]]) -> list[str]:
                               torch.bfloat16, config=config)
         except Exception as error:  # noqa: BLE001
             failures.append(f"{kind} {config.label()}: {type(error).__name__}: {str(error)[:200]}")
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return failures
 
 
@@ -362,10 +428,13 @@ def _precompile(run: Run, jobs: int, shapes: list[tuple[int, int, int]], sweep: 
     chunks = [items[i::jobs] for i in range(jobs)]
     t0 = time.perf_counter()
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        for failures in pool.map(_precompile_worker, [c for c in chunks if c]):
-            for failure in failures:
-                run.data["errors"].append("precompile " + failure)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            for failures in pool.map(_precompile_worker, [c for c in chunks if c]):
+                for failure in failures:
+                    run.data["errors"].append("precompile " + failure)
+    except Exception as error:  # noqa: BLE001  (the timing process compiles what is missing)
+        run.data["errors"].append(f"precompile: {type(error).__name__}: {str(error)[:300]}")
     run.log(f"precompiled {len(items)} GEMM kernels in {jobs} processes, {time.perf_counter() - t0:.1f} s")
 
 
@@ -393,7 +462,8 @@ def _print_table(run: Run) -> None:
               f"{tri('w4a8')} {ratios}  {s.get('w8a8_config', '-')} / {s.get('w4a8_config', '-')}")
     for record in run.data["fused"]:
         print(f"{record['kernel']} {record['shape']}: " + ", ".join(f"{k} {v:.1f} us" for k, v in record["us"].items())
-              + (f"; bit-exact vs unfused {record['bit_exact_vs_unfused']}" if "bit_exact_vs_unfused" in record else ""))
+              + (f"; bit-exact vs unfused {record['bit_exact_vs_unfused']}" if "bit_exact_vs_unfused" in record
+                 else ""))
     meta = run.data["meta"]
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, commit "
           f"{meta['git_commit']}, {run.elapsed():.0f} s; skipped: {run.data['skipped'] or 'nothing'}; "
@@ -427,11 +497,13 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),
-        "timing": "triton.testing.do_bench median of CUDA-event timings of single calls, L2 flushed before each "
-                  "(warmup 20 ms / rep 80 ms; sweep configs 5 / 25 ms)",
+        "timing": "ms: median over CUDA-graph replays (CUDA events around each) of N consecutive calls, divided by "
+                  "N (N fills ~3 ms, ~1 ms for sweep configs): GPU time without Python launch cost, operands "
+                  "warm in L2 where they fit, the same for every method; eager_ms: triton.testing.do_bench "
+                  "median of single eager calls, L2 flushed, launch included",
     }
     run = Run(args.out, args.budget_s, meta)
     run.log(f"{meta['device']} torch {meta['torch']} triton {meta['triton']} commit {meta['git_commit']}")

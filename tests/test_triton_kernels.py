@@ -46,7 +46,11 @@ if INTERPRETING or HAS_CUDA:
         triton_int_matmul,
         weight_group_sums,
     )
-    from dqcompile.backends.triton.quantize import gelu_quantize, ln_modulate_quantize, quantize_act
+    from dqcompile.backends.triton.quantize import (
+        gelu_quantize,
+        ln_modulate_quantize,
+        quantize_act,
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -437,7 +441,11 @@ def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch)
     wrap_triton returns the kernel itself, so torch's own tracing cannot be run here; the CUDA test
     `test_cuda_triton_op_under_inductor` compiles the real thing.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
 
     launches: list[tuple[object, tuple]] = []
 
@@ -472,7 +480,8 @@ def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch)
         assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 40 and out.dtype == torch.bfloat16
         outputs = (quantize_act(dynamic["x"], 8, 0, True) + gelu_quantize(dynamic["x"], "tanh", 8, 64, False)
                    + ln_modulate_quantize(dynamic["x3"], None, None, 1e-6, dynamic["mod"], dynamic["mod"], 8, 0, True))
-        assert [tuple(t.shape[1:]) for t in outputs] == [(256,), (1,), (1,), (256,), (4,), (4,), (3, 256), (3, 1), (3, 1)]
+        expected = [(256,), (1,), (1,), (256,), (4,), (4,), (3, 256), (3, 1), (3, 1)]
+        assert [tuple(t.shape[1:]) for t in outputs] == expected
     names = [getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, _ in launches]
     assert names == ["_int_gemm_kernel", "_quantize_act_kernel", "_quantize_act_kernel", "_ln_modulate_quantize_kernel"]
 
@@ -482,7 +491,7 @@ def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("m", [16, 64, 4096])
-@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152), (4608, 1152)])
+@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152)])
 @pytest.mark.parametrize("w_bits,group_size,symmetric", [
     (8, 0, True), (8, 0, False), (8, 128, False), (4, 0, True), (4, 0, False), (4, 128, False), (4, 64, True),
     (6, 64, True), (4, 32, False),

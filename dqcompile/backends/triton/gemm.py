@@ -47,9 +47,8 @@ import triton
 import triton.language as tl
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.quant.packing import CHUNK, unpack_int4
-
 from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, mul_rn, round_to
+from dqcompile.quant.packing import CHUNK, unpack_int4
 
 __all__ = [
     "GemmConfig",
@@ -192,7 +191,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _int_gemm_kernel(
     qx_ptr, qw_ptr, x_scale_ptr, x_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, out_ptr,
-    M, N, K, KW,
+    M, N, K, KW, num_programs,
     stride_xm, stride_wn, stride_om,
     stride_xs_m, stride_xs_g, stride_xz_m, stride_xz_g, stride_ws_n, stride_ws_g, stride_wsum_n,
     GROUP_SIZE: tl.constexpr,
@@ -205,13 +204,12 @@ def _int_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
     SWAP_AB: tl.constexpr,
     USE_TMA: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Output tiles pid, pid + NUM_PROGRAMS, ...; see the module docstring for the math.
+    """Output tiles pid, pid + num_programs, ...; see the module docstring for the math.
 
     K is the activation width, KW the weight row's width in its own elements (K, or K / 2 packed).
     Per channel, int4 steps one 128-column chunk at a time (BLOCK_K is 128); grouped int4 steps 64
@@ -235,8 +233,8 @@ def _int_gemm_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    tile_c = start - NUM_PROGRAMS
-    for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    tile_c = start - num_programs
+    for tile in tl.range(start, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
@@ -265,7 +263,7 @@ def _int_gemm_kernel(
                     acc = _dot(x, w, acc, SWAP_AB)
         else:
             result = _zeros(BLOCK_M, BLOCK_N, tl.float32, SWAP_AB)
-            for group in range(0, K // GROUP_SIZE):
+            for group in range(K // GROUP_SIZE):
                 group_acc = _zeros(BLOCK_M, BLOCK_N, tl.int32, SWAP_AB)
                 # Unrolled: each group is a fixed number of K blocks (BLOCK_K divides GROUP_SIZE).
                 for step in tl.static_range(GROUP_SIZE // BLOCK_K):
@@ -290,7 +288,7 @@ def _int_gemm_kernel(
 
         # Epilogue. Its tile coordinates come from a counter of their own (as in Triton's persistent
         # matmul), which keeps the flattened loop's prologue and epilogue independent.
-        tile_c += NUM_PROGRAMS
+        tile_c += num_programs
         pid_m_c, pid_n_c = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m_c * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n_c * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -361,6 +359,11 @@ def _m_bucket(m: int) -> int:
 def gemm_candidate_configs(m: int, group_size: int, *, w_int4: bool = False) -> list[GemmConfig]:
     """Configs worth trying for M rows, in order of preference (the sweep of bench_gemm.py times them)."""
     block_k = 128 if group_size == 0 else (64 if w_int4 else _int8_block_k(group_size))
+    if group_size and m > 64:  # two accumulators (int32 per group, float32 across groups): smaller tiles
+        if w_int4:
+            return [GemmConfig(128, 64, block_k, 8, 4, 4, swap_ab=True),
+                    GemmConfig(128, 64, block_k, 8, 8, 4, swap_ab=True)]
+        return [GemmConfig(128, 64, block_k, 8, 8, 4), GemmConfig(64, 128, block_k, 8, 4, 4)]
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         return [GemmConfig(block_m, 64, block_k, 1, 4, 4, swap_ab=True),
@@ -480,7 +483,7 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         qx, qw, x_scale_arg, x_zero_arg, w_scale_arg,
         w_sum if w_sum is not None else placeholder,
         bias if bias is not None else placeholder, out,
-        m, n, k, qw.shape[1],
+        m, n, k, qw.shape[1], programs,
         qx.stride(0), qw.stride(0), out.stride(0),
         x_scale_arg.stride(0), x_scale_arg.stride(1) if x_scale is not None else 0,
         x_zero_arg.stride(0), x_zero_arg.stride(1) if x_zero is not None else 0,
@@ -496,7 +499,6 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         BLOCK_N=config.block_n,
         BLOCK_K=block_k,
         GROUP_M=config.group_m,
-        NUM_PROGRAMS=programs,
         SWAP_AB=config.swap_ab,
         USE_TMA=use_tma,
         FLATTEN=config.flatten and group_size == 0,
