@@ -174,8 +174,9 @@ ROW_SETS: dict[str, tuple[str, list[Row]]] = {
     "qdit-extra": ("Q-DiT's other rows: per-sample activation groups and GPTQ rounding", _qdit_rows(extra=True)),
     "tqdit": ("TQ-DiT at w8a8 and w6a6: RTN, + MRQ, + TGQ, + HO (2048 rows per layer and group)", _tqdit_rows()),
     "noise": ("the noise band: float and w8a8 (run with --seeds 0,1,2)", [row("fp"), row("w8a8", "w8a8")]),
-    "steps": ("float FID vs sampling steps: DDIM 20/50/100 and DDPM 250, clip_sample off and on",
-              _step_rows((False, True), STEP_CELLS)),
+    "steps": ("float FID vs sampling steps: DDIM 20/50/100 and DDPM 250, clip_sample off, then on (trailing "
+              "spacing), then off with leading spacing (no step at t = 999)",
+              _step_rows((False, True), STEP_CELLS) + _step_rows((False,), STEP_CELLS, "leading")),
     "steps-spacing": ("float, clip_sample off: DDIM 20 and 50 with leading and linspace timestep spacing",
                       _step_rows((False,), (("ddim", 20), ("ddim", 50)), "leading")
                       + _step_rows((False,), (("ddim", 20), ("ddim", 50)), "linspace")),

@@ -48,6 +48,7 @@ from torch import nn
 
 from dqcompile.fmnist.benchmark import (
     BENCHMARK_DIT_CONFIG,
+    BENCHMARK_SCHEDULER_CONFIG,
     RECORD_NAME,
     load_benchmark_model,
     save_benchmark_model,
@@ -75,9 +76,10 @@ from training_common import device_name, learning_rate, random_horizontal_flip, 
 GRID_NAME = "fmnist_dit_samples.png"
 BENCHMARK_GRID_NAME = "samples.png"
 ARCHS = {"embedded": FMNIST_DIT_CONFIG, "benchmark": BENCHMARK_DIT_CONFIG}
+SCHEDULES = {"embedded": FMNIST_SCHEDULER_CONFIG, "benchmark": BENCHMARK_SCHEDULER_CONFIG}
 STATE_NAME = "train_state.pt"
 # Settings a resumed run must share with the run it resumes (the per-call --minutes may change).
-RESUME_KEYS = ("arch", "config_override", "batch_size", "lr", "warmup_steps", "ema_decay", "class_dropout", "seed",
+RESUME_KEYS = ("arch", "config_override", "beta_schedule", "batch_size", "lr", "warmup_steps", "ema_decay", "class_dropout", "seed",
                "total_minutes")
 
 
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="embedded (6 x 192, the shipped default model) or benchmark (12 x 288)")
     parser.add_argument("--config-override", default=None,
                         help="JSON object of DiT config keys laid over the arch's (e.g. a tiny model for tests)")
+    parser.add_argument("--beta-schedule", choices=("linear", "squaredcos_cap_v2"), default=None,
+                        help="training noise schedule (default: the arch's: cosine for embedded, linear for benchmark)")
     parser.add_argument("--minutes", type=float, default=7.0, help="wall-clock training budget of this call")
     parser.add_argument("--total-minutes", type=float, default=None,
                         help="the whole run's budget over all calls (the learning-rate schedule's); default --minutes")
@@ -157,6 +161,17 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {**ARCHS[args.arch], **json.loads(args.config_override or "{}")}
 
 
+def schedule_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The training noise schedule (saved with the model): the arch's, or --beta-schedule's."""
+    schedule = dict(SCHEDULES[args.arch])
+    if args.beta_schedule == "linear" and schedule["beta_schedule"] != "linear":
+        schedule.update(BENCHMARK_SCHEDULER_CONFIG)
+    elif args.beta_schedule == "squaredcos_cap_v2":
+        schedule = {k: v for k, v in schedule.items() if k not in ("beta_start", "beta_end")}
+        schedule["beta_schedule"] = "squaredcos_cap_v2"
+    return schedule
+
+
 def save_state(folder: Path, state: dict[str, Any]) -> None:
     """Write the training state atomically (a call killed mid-write leaves the previous state intact)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,12 +199,12 @@ def write_outputs(out: Path, args: argparse.Namespace, config: dict[str, Any], e
     """The EMA weights in the arch's layout, the config and the record; returns the record's path."""
     out.mkdir(parents=True, exist_ok=True)
     if args.arch == "benchmark":
-        save_benchmark_model(ema_model, out, model_config=config, scheduler_config=FMNIST_SCHEDULER_CONFIG,
+        save_benchmark_model(ema_model, out, model_config=config, scheduler_config=schedule_config(args),
                              record=record)
         return out / RECORD_NAME
     state_dict = {name: tensor.detach().float().cpu().contiguous() for name, tensor in ema_model.state_dict().items()}
     save_file(state_dict, out / CHECKPOINT_NAME, metadata={"format": "pt", "weights": "ema"})
-    files = {"model": config, "scheduler": FMNIST_SCHEDULER_CONFIG, "null_class_id": NULL_CLASS_ID}
+    files = {"model": config, "scheduler": schedule_config(args), "null_class_id": NULL_CLASS_ID}
     (out / CONFIG_NAME).write_text(json.dumps(files, indent=2) + "\n")
     (out / TRAINING_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return out / TRAINING_RECORD_NAME
@@ -223,8 +238,9 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
     num_params = sum(p.numel() for p in model.parameters())
     print(f"DiT ({args.arch}): {num_params / 1e6:.2f}M parameters", flush=True)
 
-    alphas_cumprod = DDPMScheduler.from_config(FMNIST_SCHEDULER_CONFIG).alphas_cumprod.to(device)
-    num_train_timesteps = FMNIST_SCHEDULER_CONFIG["num_train_timesteps"]
+    schedule = schedule_config(args)
+    alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.to(device)
+    num_train_timesteps = schedule["num_train_timesteps"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
 
     state_folder = Path(args.state) if args.state else None
@@ -307,6 +323,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "warmup_steps": args.warmup_steps,
         "ema_decay": args.ema_decay,
         "class_dropout": args.class_dropout,
+        "beta_schedule": schedule["beta_schedule"],
         "autocast": "bf16" if use_bf16 else "none (fp32)",
         "compiled": args.compile,
         "seed": args.seed,
@@ -331,14 +348,14 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class)
     clip = {"true": True, "false": False, "model": None}[args.grid_clip_sample]
     samples = sample(shipped, grid_labels, steps=args.grid_steps, guidance_scale=args.guidance, seed=args.seed,
-                     batch_size=256, clip_sample=clip, progress=False)
+                     batch_size=256, scheduler_config=schedule, clip_sample=clip, progress=False)
     save_image_grid(from_model_space(samples), rows=NUM_CLASSES, path=out / grid_name)
     record["sample_grid"] = {
         "file": grid_name,
         "scheduler": "ddim",
         "steps": args.grid_steps,
         "guidance_scale": args.guidance,
-        "clip_sample": FMNIST_SCHEDULER_CONFIG["clip_sample"] if clip is None else clip,
+        "clip_sample": schedule["clip_sample"] if clip is None else clip,
         "per_class": args.grid_per_class,
     }
     if args.classifier:

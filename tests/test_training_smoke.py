@@ -117,6 +117,7 @@ def test_benchmark_arch_trains_resumably_and_writes_bf16_shards(tmp_path: Path) 
 
     config = benchmark_config(out)
     assert config["model"]["num_layers"] == 1 and config["null_class_id"] == NULL_CLASS_ID
+    assert config["scheduler"]["beta_schedule"] == "linear" == second["beta_schedule"]  # DiT's betas
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert shards and all(t.dtype == torch.bfloat16 for shard in shards for t in load_file(shard).values())
     model = load_benchmark_model(out)
