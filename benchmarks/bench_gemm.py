@@ -291,8 +291,8 @@ def _gemm_case(run: Run, layer: str, m: int, k: int, n: int, sweep: bool) -> Non
                                          "eager_ms": round(_eager_ms(fn), 5)}
         except Exception as error:  # noqa: BLE001
             run.data["errors"].append(f"{layer} M={m} {name}: {type(error).__name__}: {str(error)[:300]}")
-    if "int_mm" in baselines and "int_mm" in record["baselines"]:
-        assert torch.equal(baselines["int_mm"](), reference.int_matmul(p.qx, p.codes8))
+    if "int_mm" in record["baselines"] and not torch.equal(baselines["int_mm"](), reference.int_matmul(p.qx, p.codes8)):
+        run.data["errors"].append(f"{layer} M={m} int_mm: differs from the reference int_matmul")
 
     # Triton: the default config, then the sweep.
     for name, w_bits, make in (("w8a8", 8, p.w8a8), ("w4a8", 4, p.w4a8)):
@@ -379,7 +379,8 @@ def _fused_cases(run: Run) -> None:
         for approximate in ("tanh", "none"):
             fused = gelu_quantize(x, approximate, 8, 0, True)
             unfused = reference.quantize_act(F.gelu(x, approximate=approximate), 8, 0, True)
-            exact[approximate] = all(torch.equal(a, b) for a, b in zip(fused, unfused))
+            exact[approximate] = all(torch.equal(a, b) for a, b in zip(fused, unfused)) or (
+                f"{int((fused[0] != unfused[0]).sum())} codes, {int((fused[1] != unfused[1]).sum())} scales differ")
         cases = {"fused_triton": lambda: gelu_quantize(x, "tanh", 8, 0, True),
                  "gelu_then_triton_quantize": lambda: quantize_act(F.gelu(x, approximate="tanh"), 8, 0, True),
                  "unfused_torch": lambda: reference.quantize_act(F.gelu(x, approximate="tanh"), 8, 0, True),
@@ -514,9 +515,17 @@ def main() -> None:
     if args.jobs > 1:
         _precompile(run, args.jobs, [(m, k, n) for _, m, k, n in cases], args.sweep)
     for layer, m, k, n in cases:
-        _gemm_case(run, layer, m, k, n, args.sweep)
+        try:
+            _gemm_case(run, layer, m, k, n, args.sweep)
+        except Exception as error:  # noqa: BLE001  (one shape's failure does not cost the others)
+            run.data["errors"].append(f"{layer} M={m}: {type(error).__name__}: {str(error)[:300]}")
+            run.log(f"ERROR {layer} M={m}: {type(error).__name__}: {error}")
     if not args.no_fused:
-        _fused_cases(run)
+        try:
+            _fused_cases(run)
+        except Exception as error:  # noqa: BLE001  (keep the GEMM figures and the table)
+            run.data["errors"].append(f"fused: {type(error).__name__}: {str(error)[:300]}")
+            run.log(f"ERROR fused: {type(error).__name__}: {error}")
     run.flush()
     _print_table(run)
 

@@ -16,10 +16,12 @@ package is imported (the Triton interpreter, used by the tests).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -70,31 +72,66 @@ def __getattr__(name: str) -> Any:
     return getattr(module, name)
 
 
-def _kernel(name: str) -> Callable[..., Any]:
-    """A call-time proxy for kernel `name`, so registering the set imports no Triton code."""
+_SCHEMA_TYPES: dict[str, Any] = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "int": int, "float": float,
+                                 "bool": bool, "str": str, "ScalarType": torch.dtype}
+
+
+def _signature(op: str) -> inspect.Signature:
+    """The Python signature of op `op`'s schema (annotated parameters, defaults, return types).
+
+    torch.library.triton_op before torch 2.12 ignores its `schema` argument and infers the schema from the
+    function's annotations; a kernel registered as a triton_op therefore carries the op's signature.
+    (Integer arguments then come out as SymInt in the registered schema, which accepts the same calls.)
+    """
+    from dqcompile.backends import op_def
+
+    schema = op_def(op).schema
+    arguments, returns = schema.split("->")
+    parameters = []
+    for item in arguments.strip()[1:-1].split(","):
+        type_name, name = item.split()
+        default = inspect.Parameter.empty
+        if "=" in name:
+            name, default_text = name.split("=")
+            default = None if default_text == "None" else ast.literal_eval(default_text)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            annotation=_SCHEMA_TYPES[type_name], default=default))
+    outputs = returns.count("Tensor")
+    return_annotation = torch.Tensor if outputs == 1 else tuple[(torch.Tensor,) * outputs]  # type: ignore[misc]
+    return inspect.Signature(parameters, return_annotation=return_annotation)
+
+
+def _kernel(name: str, op: str) -> Callable[..., Any]:
+    """A call-time proxy for kernel `name` with op `op`'s signature, so registering imports no Triton code."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return __getattr__(name)(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
+    call.__signature__ = _signature(op)  # type: ignore[attr-defined]
+    call.__annotations__ = {}  # the signature's annotations are the real ones
     return call
 
 
-def _int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None, qw: torch.Tensor,
-                w_scale: torch.Tensor, bias: torch.Tensor | None, w_bits: int, group_size: int,
-                out_dtype: torch.dtype, w_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """int_linear's schema order (w_sum positional) onto triton_int_linear (w_sum keyword)."""
+def _int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: Optional[torch.Tensor], qw: torch.Tensor,
+                w_scale: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, group_size: int,
+                out_dtype: torch.dtype, w_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int_linear's schema order (w_sum positional) onto triton_int_linear."""
     return __getattr__("triton_int_linear")(qx, x_scale, x_zero, qw, w_scale, bias, w_bits, group_size, out_dtype,
-                                            w_sum=w_sum)
+                                            w_sum)
+
+
+_int_linear.__signature__ = _signature("int_linear")  # type: ignore[attr-defined]
 
 
 # The "triton" column of the op table (dqcompile/backends/ops.py). The launchers are traceable (shapes,
 # strides and dtypes decide everything; kernels launch through torch.library.wrap_triton), so they register
 # as torch.library.triton_op: Inductor traces each once and launches its kernels from the generated code,
 # with no Python per call. The GEMM tiles groups in multiples of 16: other group sizes stay on the reference.
-register_kernel("triton", "quantize_act", _kernel("quantize_act"), triton_op=True)
-register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize"), triton_op=True)
-register_kernel("triton", "gelu_quantize", _kernel("gelu_quantize"), triton_op=True)
+register_kernel("triton", "quantize_act", _kernel("quantize_act", "quantize_act"), triton_op=True)
+register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize", "ln_modulate_quantize"),
+                triton_op=True)
+register_kernel("triton", "gelu_quantize", _kernel("gelu_quantize", "gelu_quantize"), triton_op=True)
 register_kernel("triton", "int_linear", _int_linear, triton_op=True,
                 accepts=lambda args: args["group_size"] % 16 == 0)
-register_kernel("triton", "int_matmul", _kernel("triton_int_matmul"), triton_op=True)
+register_kernel("triton", "int_matmul", _kernel("triton_int_matmul", "int_matmul"), triton_op=True)

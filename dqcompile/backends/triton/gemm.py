@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, mul_rn, round_to
+from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, launcher, mul_rn, round_to
 from dqcompile.quant.packing import CHUNK, unpack_int4
 
 __all__ = [
@@ -479,7 +479,7 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
     x_scale_arg = x_scale if x_scale is not None else placeholder
     x_zero_arg = x_zero if x_zero is not None else placeholder
     w_scale_arg = w_scale if w_scale is not None else placeholder
-    torch.library.wrap_triton(_int_gemm_kernel)[(programs,)](
+    launcher(_int_gemm_kernel)[(programs,)](
         qx, qw, x_scale_arg, x_zero_arg, w_scale_arg,
         w_sum if w_sum is not None else placeholder,
         bias if bias is not None else placeholder, out,

@@ -9,7 +9,9 @@ kernels give the GPU's results.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -20,6 +22,18 @@ except ImportError:  # pragma: no cover - old Triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETING)
+
+
+def launcher(kernel: Any) -> Any:
+    """`torch.library.wrap_triton(kernel)`: what a torch.library.triton_op body launches its kernels through,
+    so that tracing records the launch and Inductor's generated code makes it. Under the interpreter the
+    kernel itself (torch before 2.12 refuses to wrap an interpreted kernel; there is nothing to trace)."""
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if INTERPRETING:
+            return kernel
+        raise
 
 
 @triton.jit

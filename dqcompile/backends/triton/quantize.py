@@ -43,7 +43,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.backends.triton.jitutils import round_to
+from dqcompile.backends.triton.jitutils import launcher, round_to
 from dqcompile.quant.uniform import MIN_SCALE
 
 __all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quantize_act"]
@@ -258,7 +258,7 @@ def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
             x2 = x2.contiguous()
         rows = x2.shape[0]
         block_r, num_warps = _rows_per_program(block_g, block_l)
-        torch.library.wrap_triton(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
+        launcher(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
             x2, q, scale, zero, h if h is not None else q, rows, x2.stride(0),
             NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
             PRE_OP=pre_op, STORE_H=store_h,
@@ -352,7 +352,7 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if return_normalized else None
     if q.numel() != 0:
         block_t, num_warps = _rows_per_program(block_g, block_l)
-        torch.library.wrap_triton(_ln_modulate_quantize_kernel)[(triton.cdiv(tokens, block_t), batch)](
+        launcher(_ln_modulate_quantize_kernel)[(triton.cdiv(tokens, block_t), batch)](
             x,
             ln_weight if ln_weight is not None else x,
             ln_bias if ln_bias is not None else x,
