@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,31 @@ TENSORS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 
 
-def _calibration_samples(calibration: Iterable[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
+_CALIBRATION_FORM = ("calibration must be a list of samples, each the inputs of one call of the model's forward: "
+                     "a dict of keyword arguments or a tuple of positional ones (dqcompile.calibration_set makes one)")
+
+
+def _calibration_samples(model: nn.Module, calibration: Any) -> list[dict[str, Any]] | None:
+    """The calibration samples as keyword inputs of model.forward; positional samples (tuples, as
+    torch.export takes them) are bound to the forward's parameters. Anything else is refused, naming
+    what was given and which sample."""
     if calibration is None:
         return None
-    samples = [dict(sample) for sample in calibration]
+    if isinstance(calibration, (torch.Tensor, Mapping, str, bytes)) or not isinstance(calibration, Iterable):
+        raise ValueError(f"{_CALIBRATION_FORM}; got a single {type(calibration).__name__} (wrap one sample in a list)")
+    signature = inspect.signature(model.forward)
+    samples = []
+    for index, sample in enumerate(calibration):
+        if isinstance(sample, Mapping):
+            samples.append(dict(sample))
+        elif isinstance(sample, (tuple, list)):
+            try:
+                samples.append(dict(signature.bind(*sample).arguments))
+            except TypeError as error:
+                raise ValueError(f"calibration sample {index}: {len(sample)} positional inputs do not fit "
+                                 f"{type(model).__name__}.forward{signature}: {error}") from None
+        else:
+            raise ValueError(f"{_CALIBRATION_FORM}; sample {index} is a {type(sample).__name__}")
     if not samples:
         raise ValueError("calibration holds no samples")
     return samples
@@ -65,7 +90,8 @@ def quantize(
 ) -> QuantizedModel:
     """Quantize `model` with `spec` (a QuantSpec or a preset name) and return a drop-in replacement.
 
-    calibration: keyword inputs of model.forward, one dict per sample batch (see
+    calibration: a list of samples, each the inputs of one call of model.forward (a dict of keyword
+        arguments, or a tuple of positional ones), one batch at one timestep (see
         dqcompile.calibration_set); needed by static activation quantization, GPTQ and the
         calibrated methods (`spec.needs_calibration`).
     example_inputs: inputs to capture the graph with (batch of at least 2); by default the first
@@ -77,8 +103,12 @@ def quantize(
     returned and `model` is as it was. Raises ValueError naming the field or layer for a spec the
     model cannot take, a model with no linear layer, or non-finite calibration data.
     """
+    if isinstance(model, QuantizedModel):
+        raise ValueError(f"the model is already quantized ({model.spec.name}); quantize the float model it came from")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"quantize takes an nn.Module, got {type(model).__name__}")
     spec = QuantSpec.resolve(spec)
-    samples = _calibration_samples(calibration)
+    samples = _calibration_samples(model, calibration)
     if example_inputs is None:
         example_inputs = samples[0] if samples else default_example_inputs(model)
     captured = capture(model, example_inputs, copy_parameters=True)
@@ -87,6 +117,7 @@ def quantize(
     plan = decide(gm, captured.binding, spec, samples, progress=progress)
     if not plan.layers:
         raise ValueError(f"{type(model).__name__} has no linear layer to quantize")
+    plan.check()
     lower(gm, plan)
     report = QuantReport.from_plan(spec.name, plan, _weight_bytes(plan, float_bytes))
     qmodel = QuantizedModel(
@@ -305,12 +336,44 @@ def _skeleton(plan: Mapping[str, Any], folder: Path) -> nn.Module:
     if not isinstance(plan.get("config"), dict):
         raise ValueError(f"{folder / PLAN_FILE}: no model config to rebuild {plan['source_class']} from; pass model=...")
     dtype = getattr(torch, plan["dtype"])
-    with torch.device("meta"):
+    limit = 2 * sum(math.prod(entry["shape"]) for entry in plan["tensors"].values()) + 2**20
+    with torch.device("meta"), _bounded_construction(limit, folder):
         skeleton = cls.from_config(plan["config"])
     if dtype != torch.float32:  # diffusers warns on every cast, so cast only when needed
         skeleton = skeleton.to(dtype)
     _check_skeleton(skeleton, plan, folder)
     return skeleton.to_empty(device="cpu")
+
+
+@contextlib.contextmanager
+def _bounded_construction(limit: int, folder: Path) -> Iterator[None]:
+    """Stop building a model as soon as its parameters and buffers exceed `limit` elements: a config
+    that asks for far more than the saved tensors hold (num_layers=10**6) is refused at once instead
+    of spending minutes creating modules. Applies to modules built in this thread inside the block."""
+    owner = threading.get_ident()
+    counted = [0]
+    original_parameter, original_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def count(tensor: Any) -> None:
+        if threading.get_ident() == owner and isinstance(tensor, torch.Tensor):
+            counted[0] += tensor.numel()
+            if counted[0] > limit:
+                raise ValueError(f"{folder / PLAN_FILE}: its model config builds more than {limit:,} parameter "
+                                 "elements, far more than the saved tensors hold")
+
+    def register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        count(param)
+        original_parameter(self, name, param)
+
+    def register_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        count(tensor)
+        original_buffer(self, name, tensor, persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = original_parameter, original_buffer
 
 
 def _check_skeleton(skeleton: nn.Module, plan: Mapping[str, Any], folder: Path) -> None:
@@ -363,7 +426,11 @@ def load(
     captured = capture(skeleton, example_inputs, copy_parameters=copy)
     gm = captured.graph_module
     tensors = safetensors.torch.load_file(folder / TENSORS_FILE)
-    plan = ModelPlan.from_json(plan_data["plan"], tensors)
+    try:
+        plan = ModelPlan.from_json(plan_data["plan"], tensors)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{folder / PLAN_FILE}: its plan does not match the saved tensors ({error!r})") from None
+    plan.check()
     lower(gm, plan)
     _assign_tensors(gm, tensors, folder)
     qmodel = QuantizedModel(

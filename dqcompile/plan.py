@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 WEIGHT_BITS = (4, 6, 8)
@@ -133,6 +134,14 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.weight is not None
 
+    def tensor_path(self, leaf: str) -> str:
+        """Where the lowering keeps one of the layer's tensors: beside the weight, in the layer's module
+        (`<module>.qweight`) for an nn.Linear, or as `<parameter>_qweight` for a bare weight parameter
+        (F.linear(x, self.w)), whose owner is not the layer's own module."""
+        if self.weight_name == f"{self.name}.weight":
+            return f"{self.name}.{leaf}"
+        return f"{self.weight_name}_{leaf}"
+
 
 @dataclass
 class AttentionPlan:
@@ -188,6 +197,24 @@ class ModelPlan:
     def quantized_layers(self) -> list[LayerPlan]:
         return [plan for plan in self.layers.values() if plan.quantized]
 
+    def check(self) -> None:
+        """Refuse a plan the lowering cannot run as it claims, naming the layer: codes of the wrong
+        dtype or shape for the stated bits, scales that are not finite and positive float32, activation
+        tensors missing or malformed, attention tables that do not fit. `load` runs it on every saved
+        plan; `quantize` on every plan it made."""
+        for layer in self.quantized_layers():
+            _check_layer(layer)
+        for attention in self.attention.values():
+            names = ("q_scale", "k_scale", "v_scale") + (("p_low_scale",) if attention.two_region_softmax else ())
+            if set(attention.tensors) != set(names):
+                raise ValueError(f"attention {attention.name}: holds {sorted(attention.tensors)}, expected {sorted(names)}")
+            for name in names:
+                _check_scale(f"attention {attention.name}: {name}", attention.tensors[name])
+        if self.time_boundaries is not None:
+            bounds = self.time_boundaries
+            if bounds.dtype != torch.float32 or bounds.dim() != 1 or bool((bounds.diff() < 0).any()):
+                raise ValueError("time_boundaries must be ascending float32 [G - 1]")
+
     # ---- saving: metadata to JSON, tensors to a flat name -> tensor dict
 
     def tensors(self) -> dict[str, Tensor]:
@@ -197,11 +224,11 @@ class ModelPlan:
             if plan.weight is not None:
                 if not plan.weight.rounded:
                     raise RuntimeError(f"layer {plan.name}: its weight was never rounded")
-                found[f"{plan.name}.qweight"] = plan.weight.qweight
-                found[f"{plan.name}.weight_scale"] = plan.weight.scale
+                found[plan.tensor_path("qweight")] = plan.weight.qweight
+                found[plan.tensor_path("weight_scale")] = plan.weight.scale
             if plan.activations is not None:
                 for name, value in plan.activations.tensors.items():
-                    found[f"{plan.name}.input_{name}"] = value
+                    found[plan.tensor_path(f"input_{name}")] = value
         for attention in self.attention.values():
             for name, value in attention.tensors.items():
                 found[f"{attention_path(attention.name)}.{name}"] = value
@@ -239,12 +266,12 @@ class ModelPlan:
             weight, activations = entry.pop("weight"), entry.pop("activations")
             layer = LayerPlan(**entry)
             if weight is not None:
-                layer.weight = WeightPlan(**weight, qweight=tensors[f"{layer.name}.qweight"],
-                                          scale=tensors[f"{layer.name}.weight_scale"])
+                layer.weight = WeightPlan(**weight, qweight=tensors[layer.tensor_path("qweight")],
+                                          scale=tensors[layer.tensor_path("weight_scale")])
             if activations is not None:
                 names = ACTIVATION_TENSORS.get(activations["kind"], ())
                 layer.activations = ActivationPlan(
-                    **activations, tensors={name: tensors[f"{layer.name}.input_{name}"] for name in names}
+                    **activations, tensors={name: tensors[layer.tensor_path(f"input_{name}")] for name in names}
                 )
             plan.layers[layer.name] = layer
         for entry in data["attention"]:
@@ -271,3 +298,38 @@ def plan_meta(plan: LayerPlan | AttentionPlan) -> dict[str, Any]:
     """What a lowered node carries in node.meta["dqcompile"]: the plan it was emitted from."""
     key = "layer" if isinstance(plan, LayerPlan) else "attention"
     return {key: plan.name, "plan": plan}
+
+
+def _check_scale(what: str, scale: Tensor) -> None:
+    if scale.dtype != torch.float32 or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(f"{what} must be finite, positive float32 scales")
+
+
+def _check_layer(layer: LayerPlan) -> None:
+    weight, activations = layer.weight, layer.activations
+    name = f"layer {layer.name}"
+    if weight.bits not in WEIGHT_BITS or weight.group_size < 0:
+        raise ValueError(f"{name}: weight bits {weight.bits} / group size {weight.group_size} are not allowed")
+    if not weight.rounded:
+        raise ValueError(f"{name}: its weight was never rounded")
+    packed = weight.bits == 4
+    codes_dtype, width = (torch.uint8, layer.in_features // 2) if packed else (torch.int8, layer.in_features)
+    if weight.qweight.dtype != codes_dtype or tuple(weight.qweight.shape) != (layer.out_features, width):
+        raise ValueError(f"{name}: {weight.bits}-bit codes must be {codes_dtype} {(layer.out_features, width)}, got "
+                         f"{weight.qweight.dtype} {tuple(weight.qweight.shape)}")
+    groups = layer.in_features // weight.group_size if weight.group_size else 1
+    if tuple(weight.scale.shape) != (layer.out_features, groups):
+        raise ValueError(f"{name}: weight scales must be [{layer.out_features}, {groups}], got {tuple(weight.scale.shape)}")
+    _check_scale(f"{name}: weight_scale", weight.scale)
+    if activations.kind not in ACTIVATION_KINDS or (activations.quantized and activations.bits not in ACTIVATION_BITS):
+        raise ValueError(f"{name}: activation quantizer {activations.kind!r} with {activations.bits} bits is not allowed")
+    expected = ACTIVATION_TENSORS.get(activations.kind, ())
+    if set(activations.tensors) != set(expected):
+        raise ValueError(f"{name}: a {activations.kind} activation quantizer holds {', '.join(expected) or 'no tensor'}, "
+                         f"got {', '.join(sorted(activations.tensors)) or 'none'}")
+    for key, value in activations.tensors.items():
+        if key == "zero":
+            if value.dtype != torch.int32:
+                raise ValueError(f"{name}: input_zero must be int32, got {value.dtype}")
+        else:
+            _check_scale(f"{name}: input_{key}", value)

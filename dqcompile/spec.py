@@ -384,7 +384,7 @@ def _from_mapping(kind: type, value: Any, prefix: str) -> Any:
     values = {}
     for key, item in value.items():
         annotation = hints[key]
-        if dataclasses.is_dataclass(annotation) and isinstance(item, Mapping):
+        if dataclasses.is_dataclass(annotation):
             item = _from_mapping(annotation, item, f"{prefix}{key}.")
         elif isinstance(item, list):
             item = tuple(tuple(entry) if isinstance(entry, list) else entry for entry in item)

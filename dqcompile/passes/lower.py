@@ -150,12 +150,12 @@ def _per_group(emit: _Emitter, table: str, groups: tuple[Node, Node] | None, lik
 
 def _activation_tensor(emit: _Emitter, plan: LayerPlan, name: str, groups: tuple[Node, Node] | None,
                        x: Node) -> Node:
-    path = f"{plan.name}.input_{name}"
+    path = plan.tensor_path(f"input_{name}")
     return _per_group(emit, path, groups, x, []) if plan.activations.time_grouped else emit.attr(path)
 
 
 def _weight_args(emit: _Emitter, plan: LayerPlan) -> tuple[Node, Node]:
-    return emit.attr(f"{plan.name}.qweight"), emit.attr(f"{plan.name}.weight_scale")
+    return emit.attr(plan.tensor_path("qweight")), emit.attr(plan.tensor_path("weight_scale"))
 
 
 def _float_activations(emit: _Emitter, plan: LayerPlan, x: Node, bias: Node | None, out_dtype: torch.dtype,
@@ -169,7 +169,7 @@ def _int_linear(emit: _Emitter, plan: LayerPlan, qx: Node, x_scale: Node, x_zero
     """int_linear on codes `qx`; the weight's code sums are passed where the zero-point term needs them
     (x_zero None: no zero-point term)."""
     qweight, scale = _weight_args(emit, plan)
-    w_sum = emit.attr(f"{plan.name}.weight_sum") if x_zero is not None else None
+    w_sum = emit.attr(plan.tensor_path("weight_sum")) if x_zero is not None else None
     # One group size serves both operands: the spec only lets them differ when one is 0 (no groups),
     # and a per-token or per-channel scale broadcasts over the other's groups.
     group_size = plan.weight.group_size or plan.activations.group_size
@@ -185,12 +185,21 @@ def _dynamic(emit: _Emitter, plan: LayerPlan, x: Node, bias: Node | None, out_dt
     return _int_linear(emit, plan, qx, scale, None if act.symmetric else zero, bias, out_dtype)
 
 
+def _nonfinite_guard(emit: _Emitter, x: Node, scale: Node, dims: list[int]) -> Node:
+    """scale + 0 * max|x| over `dims`: the scale itself for every finite row (adding +0 changes no
+    bit), NaN for a row holding NaN or inf. A static quantizer's codes cannot carry a NaN (it would
+    round to a code like any number), so the scale it hands the integer product carries it instead,
+    and a non-finite input gives a non-finite output row, as the float model's does."""
+    magnitude = emit.call(aten.amax.default, emit.call(aten.abs.default, x), dims, True)
+    return emit.call(aten.add.Tensor, scale, emit.call(aten.mul.Tensor, magnitude, 0.0))
+
+
 def _static(emit: _Emitter, plan: LayerPlan, x: Node, bias: Node | None, out_dtype: torch.dtype,
             groups: tuple[Node, Node] | None) -> Node:
     scale = _activation_tensor(emit, plan, "scale", groups, x)
     zero = _activation_tensor(emit, plan, "zero", groups, x)
     qx = emit.call(OPS.quantize_act_static.default, x, scale, zero, plan.activations.bits)
-    return _int_linear(emit, plan, qx, scale, zero, bias, out_dtype)
+    return _int_linear(emit, plan, qx, _nonfinite_guard(emit, x, scale, [-1]), zero, bias, out_dtype)
 
 
 def _two_region(emit: _Emitter, plan: LayerPlan, x: Node, bias: Node | None, out_dtype: torch.dtype,
@@ -200,7 +209,7 @@ def _two_region(emit: _Emitter, plan: LayerPlan, x: Node, bias: Node | None, out
     low = _activation_tensor(emit, plan, "low_scale", groups, x)
     high = _activation_tensor(emit, plan, "high_scale", groups, x)
     q_low, q_high = emit.outputs(emit.call(OPS.quantize_act_mrq.default, x, low, high, plan.activations.bits, True), 2)
-    y_low = _int_linear(emit, plan, q_low, low, None, None, torch.float32)
+    y_low = _int_linear(emit, plan, q_low, _nonfinite_guard(emit, x, low, [-1]), None, None, torch.float32)
     y_high = _int_linear(emit, plan, q_high, high, None, bias, torch.float32)
     output = emit.call(aten.add.Tensor, y_low, y_high)
     if out_dtype != torch.float32:
@@ -241,6 +250,10 @@ def _lower_attention(gm: GraphModule, node: Node, plan: AttentionPlan, groups: t
     p_low_scale = _per_group(emit, f"{path}.p_low_scale", groups, q, []) if plan.two_region_softmax else None
     attention = emit.call(OPS.int_attention.default, q, k, v, q_scale, k_scale, v_scale, p_low_scale, plan.bits,
                           plan.softmax_scale)
+    # Every output of a sample depends on all of its keys and values: a non-finite q, k or v makes
+    # the sample's output non-finite, as softmax(q k^T) v does in float.
+    for operand in (q, k, v):
+        attention = _nonfinite_guard(emit, operand, attention, [1, 2, 3])
     attention.meta["val"] = node.meta["val"]
     node.replace_all_uses_with(attention)
     gm.graph.erase_node(node)
@@ -313,8 +326,8 @@ def lower(gm: GraphModule, plan: ModelPlan) -> None:
         if _needs_weight_sum(layer):
             sums = weight_group_sums(layer.weight.qweight, layer.weight.bits,
                                      layer.weight.group_size or layer.activations.group_size)
-            _register(gm, f"{layer.name}.weight_sum", sums.to(device), persistent=False)
-            derived.append(f"{layer.name}.weight_sum")
+            _register(gm, layer.tensor_path("weight_sum"), sums.to(device), persistent=False)
+            derived.append(layer.tensor_path("weight_sum"))
     gm.meta[DERIVED_META] = derived
 
     time_grouped = any(layer.activations.time_grouped for layer in plan.quantized_layers()) or plan.attention
@@ -326,6 +339,7 @@ def lower(gm: GraphModule, plan: ModelPlan) -> None:
         _lower_attention(gm, _node(nodes, attention.node_name, attention.name), attention, groups)
     gm.graph.eliminate_dead_code()
     for layer in plan.quantized_layers():
-        gm.get_submodule(layer.name)._parameters.pop("weight", None)
+        owner, _, leaf = layer.weight_name.rpartition(".")
+        (gm.get_submodule(owner) if owner else gm)._parameters.pop(leaf, None)
     gm.graph.lint()
     gm.recompile()

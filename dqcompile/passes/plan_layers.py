@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from dqcompile.graph import linear_nodes
+from torch.fx import Node
+
+from dqcompile.graph import is_linear, is_metadata, linear_nodes
 from dqcompile.passes.context import META_KEY, PassContext
 from dqcompile.plan import LayerPlan
+
+
+def _other_uses(gm: GraphModule) -> dict[str, list[Node]]:
+    """Parameter name -> the nodes that read it other than as the weight of a linear (a weight tied
+    to an embedding, say); metadata reads do not count."""
+    uses: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            for user in node.users:
+                if not (is_linear(user) and user.args[1] is node) and not is_metadata(user):
+                    uses.setdefault(node.target, []).append(user)
+    return uses
 
 
 def plan_layers(gm: GraphModule, ctx: PassContext) -> None:
@@ -17,8 +31,10 @@ def plan_layers(gm: GraphModule, ctx: PassContext) -> None:
     rounded or calibrated yet), or with the reason it stays in float; each linear node carries
     node.meta["dqcompile"]["layer"]. Raises ValueError, naming the layer, when the spec cannot apply
     to it (a group size that does not divide its input width, int4 with an odd width). The graph is
-    not changed.
+    not changed. A weight that the graph also reads otherwise (tied to an embedding) stays in float,
+    with that reason: quantizing it would change the other use, or delete what it reads.
     """
+    other_uses = _other_uses(gm)
     for node in linear_nodes(gm):
         weight_name = node.args[1].target
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -27,9 +43,11 @@ def plan_layers(gm: GraphModule, ctx: PassContext) -> None:
         plan = ctx.plan.layers.get(layer_name)
         if plan is None:
             out_features, in_features = gm.get_parameter(weight_name).shape
+            tied = other_uses.get(weight_name)
+            reason = (f"weight also read by {', '.join(sorted({str(user.target) for user in tied}))}: kept in float"
+                      if tied else ctx.spec.keep_float_reason(layer_name))
             plan = LayerPlan(name=layer_name, weight_name=weight_name, bias_name=bias_name,
-                             in_features=in_features, out_features=out_features,
-                             float_reason=ctx.spec.keep_float_reason(layer_name))
+                             in_features=in_features, out_features=out_features, float_reason=reason)
             if plan.float_reason is None:
                 plan.weight, plan.activations = ctx.spec.layer_plans(layer_name, in_features)
                 _check_layer_fits(plan)
