@@ -83,4 +83,10 @@ def run_calibration(
     for index, sample in enumerate(tqdm(samples, desc=desc, disable=not progress, leave=False)):
         check_finite(sample, index)
         inputs, _ = binding.graph_kwargs((), dict(sample), sample_index=index)
-        run_graph(gm, inputs, probes, CalibrationCall(index, timestep_key(sample)))
+        try:
+            run_graph(gm, inputs, probes, CalibrationCall(index, timestep_key(sample)))
+        except (RuntimeError, AssertionError, IndexError) as error:
+            # The captured graph's own checks (shapes fixed at capture, dtypes) fail deep inside torch.
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"calibration sample {index} does not fit the model as it was captured "
+                             f"(from the first sample or example_inputs): {first_line}") from error
