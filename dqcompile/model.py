@@ -60,7 +60,23 @@ class QuantizedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs, return_dict = self.binding.graph_kwargs(args, kwargs)
-        return self.binding.wrap_output(self.graph_module(**inputs), return_dict)
+        return self.binding.wrap_output(self.graph_for(inputs)(**inputs), return_dict)
+
+    def graph_for(self, inputs: dict[str, Any]) -> GraphModule:
+        """The lowered graph that runs a call's graph inputs: `graph_module`, unless the model's code fixed
+        the batch at capture (binding.static_batch) and this call has another: then the architecture is
+        captured again at this batch, lowered from the same plan, and given the very tensors of
+        `graph_module` (shared, not copied); kept for later calls of that batch size."""
+        static_batch = self.binding.static_batch
+        if static_batch is None:
+            return self.graph_module
+        batch = self.binding.batch_of(inputs)
+        if batch == static_batch:
+            return self.graph_module
+        graphs = self.__dict__.setdefault("_graphs_by_batch", {})
+        if batch not in graphs:
+            graphs[batch] = _relowered(self.graph_module, self.binding, self.plan, inputs)
+        return graphs[batch]
 
     def train(self, mode: bool = True) -> QuantizedModel:
         """Sets the flag only: the graph was captured in eval mode (no dropout, no label drop), and an
@@ -77,7 +93,36 @@ class QuantizedModel(nn.Module):
             )
         super()._apply(fn, recurse)
         retarget_device(self.graph_module, self.device)
+        self.__dict__.pop("_graphs_by_batch", None)  # they share the old tensors: lowered again on use
         return self
 
     def extra_repr(self) -> str:
         return f"source={self.source_class}, spec={self.spec.name}, dtype={self._dtype}"
+
+
+def _relowered(lowered: GraphModule, binding: CallBinding, plan: ModelPlan, inputs: dict[str, Any]) -> GraphModule:
+    """The architecture captured again for `inputs` (binding.recapture), lowered from `plan`, holding
+    `lowered`'s parameters and buffers by name."""
+    from dqcompile.passes.lower import DERIVED_META, lower
+
+    if binding.recapture is None:
+        raise ValueError(f"this model was captured with a static batch of {binding.static_batch} and cannot be "
+                         f"captured again here; call it with {binding.static_batch} samples")
+    source = dict((*lowered.named_parameters(), *lowered.named_buffers()))
+    gm = binding.recapture(inputs, source).graph_module
+    lower(gm, plan)
+    target = [name for name, _ in (*gm.named_parameters(), *gm.named_buffers())]
+    if set(target) != set(source):
+        missing = sorted(set(target) - set(source))[:3]
+        raise RuntimeError(f"the graph captured again for another batch holds tensors the model does not: {missing}")
+    for name in target:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = source[name]
+        else:
+            owner._buffers[leaf] = source[name]
+    gm.meta[DERIVED_META] = lowered.meta.get(DERIVED_META, [])
+    device = next(iter(source.values())).device if source else torch.device("cpu")
+    retarget_device(gm, device)
+    return gm

@@ -9,13 +9,24 @@ DiGraphMatcher finds every copy of the pattern
 
     source -> (1 + .) -> mul <- LayerNorm,   mul -> add <- source
 
-where source is the adaLN linear, or the add of a scale_shift_table and a shared embedding (PixArt).
-Nothing is taken from module or parameter names. Each match is then checked on the real graph by
+where source is the adaLN linear, or the add of a scale_shift_table and a shared embedding (PixArt,
+Wan, LTX), and "LayerNorm" is any node (a LayerNorm, an RMSNorm written as x * rsqrt(mean(x^2)),
+...): dividing h by b only changes the scale and shift rows, whatever normalised x. A `type_as`
+between the modulation and its readers (Wan) passes values through. Nothing is taken from module or
+parameter names. Each match is then checked on the real graph by
 tracing channel codes (dqcompile.graph.CodeTracer): where the source's row codes arrive says exactly
 which rows are the scale and which the shift (the chunk order differs between families: shift first
 in DiT, scale first in SD3's AdaLayerNormContinuous), that the LayerNorm's channels reach the mul
 unpermuted, and that nothing else reads the rows the fold would change. A candidate that fails a
-check is left out, with the reason logged at DEBUG level.
+check is left out, with the reason logged at DEBUG level; a candidate whose readers are known (the
+linears the fold would rescale) but that cannot be folded (an adaLN linear without a bias: the
+(1 + scale) / b - 1 offset needs one) is kept in `skipped_adaln_pairs` with its reason, for the report.
+
+Pairs whose consumers are the same linears (CogVideoX: the image and the text stream are modulated
+separately, then concatenated before the same q/k/v and feed-forward linears) form one group: they
+share one balancing vector, each source's rows are divided by it and the consumers' columns are
+multiplied by it once (fold.py). Pairs whose consumer sets overlap without being equal cannot share
+a vector; they are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from torch.fx import GraphModule, Node
 
 from dqcompile.graph import (
     CodeTracer,
+    is_call,
+    is_metadata,
     Arrival,
     attr_used_only_by,
     channel_rows,
@@ -48,6 +61,28 @@ from dqcompile.graph import (
 
 log = logging.getLogger(__name__)
 
+_TYPE_AS = torch.ops.aten.type_as.default
+# graph_module.meta key under which adaln_pairs leaves the candidates it skipped (SkippedPair list).
+SKIPPED_META = "dqcompile_ptq4dit_skipped"
+
+
+def _passes_values(node: Node) -> bool:
+    """Ops the code trace treats as identity on their first input beyond graph.IDENTITY_OPS: `type_as`
+    (a dtype cast to another tensor's dtype: Wan's modulated output)."""
+    return is_call(node) and node.target == _TYPE_AS
+
+
+def _through_modulation(node: Node) -> bool:
+    return is_add_one(node) or _passes_values(node)
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    """An adaLN-modulated output PTQ4DiT found but does not balance, and why (shown in the report)."""
+
+    output: str
+    consumers: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +117,7 @@ def _pattern() -> nx.DiGraph:
     pattern = nx.DiGraph()
     pattern.add_node("source", kinds={"linear", "add"})
     pattern.add_node("one", kinds={"add_one"})
-    pattern.add_node("norm", kinds={"norm"})
+    pattern.add_node("norm", kinds=None)  # any node: the fold does not depend on what normalised x
     pattern.add_node("mul", kinds={"mul"})
     pattern.add_node("shift", kinds={"add"})
     pattern.add_edges_from([("source", "one"), ("one", "mul"), ("norm", "mul"), ("mul", "shift"), ("source", "shift")])
@@ -93,21 +128,26 @@ _PATTERN = _pattern()
 
 
 def _kind_matches(graph_attrs: dict, pattern_attrs: dict) -> bool:
-    return graph_attrs["kind"] in pattern_attrs["kinds"]
+    return pattern_attrs["kinds"] is None or graph_attrs["kind"] in pattern_attrs["kinds"]
 
 
-def _modulation_source(gm: GraphModule, source: Node) -> tuple[str, int, int, Node | None] | None:
-    """(adaLN name, rows, row dims, table get_attr or None) of a pattern's source node, or None.
+def _modulation_source(gm: GraphModule, source: Node) -> tuple[str, int, int, Node | None, str | None] | None:
+    """(adaLN name, rows, row dims, table get_attr or None, why it cannot be folded or None) of a
+    pattern's source node, or None when it is no modulation source.
 
     A linear's rows are its output features; a PixArt source add(table, embedding) has the rows of
     the table parameter, enumerated over the table's shape at the end of the add's output.
     """
     if is_linear(source):
-        bias = source.args[2] if len(source.args) > 2 else None
-        if not (isinstance(bias, Node) and bias.op == "get_attr" and attr_used_only_by(source.args[1], {source})):
-            log.debug("adaLN %s: not foldable (no bias parameter, or its weight is used elsewhere)", source.name)
+        if not attr_used_only_by(source.args[1], {source}):
+            log.debug("adaLN %s: not foldable (its weight is used elsewhere)", source.name)
             return None
-        return layer_name_of(source), concrete_shape(source)[-1], 1, None
+        bias = source.args[2] if len(source.args) > 2 else source.kwargs.get("bias")
+        unfoldable = None
+        if not (isinstance(bias, Node) and bias.op == "get_attr"):
+            unfoldable = (f"its adaLN linear {layer_name_of(source)} has no bias, and (1 + scale) / b needs one "
+                          "for the constant 1 / b - 1")
+        return layer_name_of(source), concrete_shape(source)[-1], 1, None, unfoldable
     for table_arg, embedding_arg in (source.args[:2], source.args[1::-1]):
         table, embedding = through_transparent(table_arg), through_transparent(embedding_arg)
         if table.op != "get_attr" or embedding.op == "get_attr" or not _single_path(table, source):
@@ -119,7 +159,7 @@ def _modulation_source(gm: GraphModule, source: Node) -> tuple[str, int, int, No
         if not shape or out_shape[len(out_shape) - len(shape):] != shape:
             return None
         name = layer_name_of(embedding) if is_linear(embedding) else embedding.name
-        return name, torch.Size(shape).numel(), len(shape), table
+        return name, torch.Size(shape).numel(), len(shape), table, None
     return None
 
 
@@ -127,24 +167,25 @@ def _single_path(start: Node, end: Node) -> bool:
     """Whether `start` reaches `end` through nodes that each have one user (nothing else reads it)."""
     node = start
     while node is not end:
-        if len(node.users) != 1:
+        users = [user for user in node.users if not is_metadata(user)]  # dtype asserts read no values
+        if len(users) != 1:
             return False
-        node = next(iter(node.users))
+        node = users[0]
     return True
 
 
-def _verified_adaln_pair(gm: GraphModule, tracer: CodeTracer, roles: dict[str, Node]) -> AdaLNPair | None:
+def _verified_adaln_pair(gm: GraphModule, tracer: CodeTracer, roles: dict[str, Node]) -> AdaLNPair | SkippedPair | None:
     source, one, norm, mul, shift = (roles[r] for r in ("source", "one", "norm", "mul", "shift"))
     described = _modulation_source(gm, source)
     if described is None:
         return None
-    adaln, rows, row_dims, table = described
+    adaln, rows, row_dims, table, unfoldable = described
     width = concrete_shape(norm)[-1]
     if rows % width:
         log.debug("%s: %d source rows are not chunks of the LayerNorm width %d", shift.name, rows, width)
         return None
 
-    source_arrivals = tracer.trace(source, row_codes(concrete_shape(source), row_dims), is_add_one)
+    source_arrivals = tracer.trace(source, row_codes(concrete_shape(source), row_dims), _through_modulation)
     at_mul = [a for a in source_arrivals if a.node is mul]
     at_shift = [a for a in source_arrivals if a.node is shift]
     if len(at_mul) != 1 or len(at_shift) != 1:
@@ -160,8 +201,8 @@ def _verified_adaln_pair(gm: GraphModule, tracer: CodeTracer, roles: dict[str, N
         return None
 
     identity = torch.arange(width)
-    norm_arrivals = [a for a in tracer.trace(norm, row_codes(concrete_shape(norm), 1)) if a.node is mul]
-    mul_arrivals = tracer.trace(mul, row_codes(concrete_shape(mul), 1))
+    norm_arrivals = [a for a in tracer.trace(norm, row_codes(concrete_shape(norm), 1), _passes_values) if a.node is mul]
+    mul_arrivals = tracer.trace(mul, row_codes(concrete_shape(mul), 1), _passes_values)
     if len(norm_arrivals) != 1 or not _same_rows(norm_arrivals[0], identity):
         return None
     if len(mul_arrivals) != 1 or mul_arrivals[0].node is not shift or not _same_rows(mul_arrivals[0], identity):
@@ -171,6 +212,8 @@ def _verified_adaln_pair(gm: GraphModule, tracer: CodeTracer, roles: dict[str, N
     consumers = _identity_consumers(tracer, shift, width)
     if consumers is None:
         return None
+    if unfoldable is not None:
+        return SkippedPair(output=shift.name, consumers=consumers, reason=unfoldable)
     return AdaLNPair(
         output=shift.name,
         norm=module_path(norm) if norm.meta.get("nn_module_stack") else norm.name,
@@ -192,7 +235,7 @@ def _same_rows(arrival: Arrival, expected: torch.Tensor) -> bool:
 def _identity_consumers(tracer: CodeTracer, output: Node, width: int) -> tuple[str, ...] | None:
     """Layer names of the linears reading `output` as their input, channels unpermuted; None if
     anything else reads it or a consumer's weight is also used by another node."""
-    arrivals = tracer.trace(output, row_codes(concrete_shape(output), 1))
+    arrivals = tracer.trace(output, row_codes(concrete_shape(output), 1), _passes_values)
     if not arrivals or any(not is_linear(a.node) or a.position != 0 for a in arrivals):
         log.debug("%s: read by something other than linear layers", output.name)
         return None
@@ -211,15 +254,44 @@ def _identity_consumers(tracer: CodeTracer, output: Node, width: int) -> tuple[s
 
 
 def adaln_pairs(gm: GraphModule) -> list[AdaLNPair]:
+    """The foldable adaLN pairs of the graph, in graph order. The candidates found but not foldable
+    are left in gm.meta[SKIPPED_META] (see skipped_adaln_pairs)."""
     matcher = DiGraphMatcher(graph_view(gm), _PATTERN, node_match=_kind_matches)
     tracer = CodeTracer(gm)
-    pairs: dict[str, AdaLNPair] = {}
+    found: dict[str, AdaLNPair | SkippedPair] = {}
     for mapping in matcher.subgraph_monomorphisms_iter():
         roles = {role: node for node, role in mapping.items()}
-        if roles["shift"].name in pairs:
+        if roles["shift"].name in found:
             continue
         pair = _verified_adaln_pair(gm, tracer, roles)
         if pair is not None:
-            pairs[pair.output] = pair
+            found[pair.output] = pair
     order = {node.name: index for node, index in tracer.order.items()}
-    return sorted(pairs.values(), key=lambda pair: order[pair.output])
+    pairs = [p for p in found.values() if isinstance(p, AdaLNPair)]
+    skipped = [p for p in found.values() if isinstance(p, SkippedPair)]
+    pairs, overlapping = _consistent_groups(pairs)
+    gm.meta[SKIPPED_META] = sorted([*skipped, *overlapping], key=lambda pair: order[pair.output])
+    return sorted(pairs, key=lambda pair: order[pair.output])
+
+
+def _consistent_groups(pairs: list[AdaLNPair]) -> tuple[list[AdaLNPair], list[SkippedPair]]:
+    """Pairs whose consumer sets are equal or disjoint (equal sets share one vector, see fold.py),
+    and the ones whose consumers overlap another pair's without being equal, as skipped."""
+    bad: set[str] = set()
+    for i, a in enumerate(pairs):
+        for b in pairs[i + 1:]:
+            shared = set(a.consumers) & set(b.consumers)
+            if shared and set(a.consumers) != set(b.consumers):
+                bad |= {a.output, b.output}
+    kept = [p for p in pairs if p.output not in bad]
+    skipped = [
+        SkippedPair(p.output, p.consumers, "its consumers are shared, in part only, with another modulated "
+                    "output's: one balancing vector cannot serve both")
+        for p in pairs if p.output in bad
+    ]
+    return kept, skipped
+
+
+def skipped_adaln_pairs(gm: GraphModule) -> list[SkippedPair]:
+    """The adaLN candidates the last adaln_pairs(gm) found but did not return, with the reasons."""
+    return list(gm.meta.get(SKIPPED_META, ()))

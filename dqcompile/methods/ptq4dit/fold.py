@@ -18,6 +18,10 @@ For a balancing vector b of one pair (docs/methods.md):
 - attention pair: the V rows (weight and bias) are divided by b, the output projections' columns
   multiplied by b; softmax(QK^T) V diag(1/b) = (softmax(QK^T) V) diag(1/b) per head.
 
+Adaln pairs whose consumers are the same linears (CogVideoX's image and text streams, modulated
+apart and concatenated) are one group: every source of the group is divided by the group's vector
+(the first pair's), and the consumers' columns are multiplied by it once.
+
 Folds are computed in float64 and written back in each parameter's dtype, so the folded float32
 model matches the original to float32 rounding.
 """
@@ -25,10 +29,11 @@ model matches the original to float32 rounding.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 
-from dqcompile.methods.ptq4dit.adaln_pairs import AdaLNPair
+from dqcompile.methods.ptq4dit.adaln_pairs import AdaLNPair, skipped_adaln_pairs
 from dqcompile.methods.ptq4dit.attention_pairs import AttentionPair
 from dqcompile.methods.ptq4dit.balance import BALANCES, PAIRS, pair_key
 from dqcompile.methods.ptq4dit.pairs import balanced_layers
@@ -123,8 +128,10 @@ def fold_balancing(gm: GraphModule, ctx: PassContext) -> None:
     method = "CSB+SSC" if ctx.spec.options.ssc else "CSB"
     balances = ctx.annotations[BALANCES]
     layers = ctx.plan.layers
+    folded: dict[frozenset[str], torch.Tensor] = {}  # consumer set -> the vector its columns carry
     for pair in ctx.annotations[PAIRS]:
-        b = balances[pair_key(pair)].vector
+        group = frozenset(balanced_layers(pair))
+        b = folded.get(group, balances[pair_key(pair)].vector)
         if isinstance(pair, AdaLNPair):
             if pair.table is None:
                 _fold_adaln(gm, ctx, pair, b)
@@ -137,6 +144,11 @@ def fold_balancing(gm: GraphModule, ctx: PassContext) -> None:
             source = f"the V rows of {', '.join(pair.values)}"
             for name in pair.values:
                 layers[name].notes.append(f"V rows carry the {method} balancing of {', '.join(pair.outputs)}")
+        if group in folded:  # a second source of the same consumers: their columns already carry b
+            for name in balanced_layers(pair):
+                layers[name].notes.append(f"{method} vector shared with {source}")
+            continue
+        folded[group] = b
         for name in balanced_layers(pair):
             plan = layers[name]
             _scaled(gm.get_parameter(plan.weight_name), b[None, :])
@@ -146,3 +158,24 @@ def fold_balancing(gm: GraphModule, ctx: PassContext) -> None:
                 inverse = (1 / b.double()).to(ctx.hessians[name].device)
                 ctx.hessians[name] = (ctx.hessians[name].double() * inverse[:, None] * inverse[None, :]).float()
             plan.notes.append(f"{method} balanced with {source}")
+    _note_skipped(gm, ctx)
+
+
+def _note_skipped(gm: GraphModule, ctx: PassContext) -> None:
+    """Say in the report where PTQ4DiT did not balance: each skipped adaLN candidate's quantized
+    consumers carry the reason; when nothing at all was balanced, every quantized layer says so (and a
+    warning tells the caller)."""
+    layers = ctx.plan.layers
+    for skipped in skipped_adaln_pairs(gm):
+        for name in skipped.consumers:
+            if name in layers and layers[name].quantized:
+                layers[name].notes.append(f"PTQ4DiT: not balanced: {skipped.reason}")
+    if ctx.annotations[PAIRS]:
+        return
+    reason = ("no adaLN-modulated output read only by linears and no V -> output projection pair was found"
+              if not skipped_adaln_pairs(gm) else "every candidate was skipped (see the notes)")
+    ctx.plan.summary["ptq4dit"] = f"balanced nothing: {reason}"
+    for plan in ctx.plan.quantized_layers():
+        if not any(note.startswith("PTQ4DiT") for note in plan.notes):
+            plan.notes.append(f"PTQ4DiT balanced nothing in this model: {reason}; rounding only")
+    warnings.warn(f"PTQ4DiT balanced nothing in this model: {reason}; the result is plain rounding", stacklevel=2)
