@@ -24,8 +24,10 @@ import torch
 from torch._dynamo.utils import counters
 
 import dqcompile
-from dqcompile.backends import bind_arguments
-from dqcompile.backends.compile import RewriteSummary, make_backend, resolve_kernels, rewrite_graph
+from dqcompile.backends import bind_arguments, reference
+from dqcompile.backends.compile import (RewriteSummary, make_backend, prepare_int_linears, resolve_kernels,
+                                       rewrite_graph)
+from dqcompile.quant import quantize_weight
 from dqcompile.example_inputs import default_example_inputs
 from tiny_models import hand_dit, hand_dit_inputs, tiny_dit
 
@@ -112,9 +114,11 @@ def test_fusion_replaces_quantizers_of_layer_norms_and_gelus(build, ln_fused: in
     assert after["dqcompile.quantize_act"] == blocks
     assert after["dqcompile.int_linear"] == before["dqcompile.int_linear"]
     assert not any(node.target == torch.ops.aten.gelu.default for node in gm.graph.nodes)
-    # w8a8 quantizes activations asymmetrically: every linear keeps x_zero and gets its weight's sums,
-    # one weight_group_sums node per weight.
-    assert summary.symmetric_linears == 0 and summary.w_sums == after["weight_group_sums"] == after["dqcompile.int_linear"]
+    # w8a8 quantizes activations asymmetrically: every linear keeps x_zero and has its weight's sums
+    # (passed by the lowering; the backend adds them where a graph lacks them, see below).
+    linears = [bind_arguments("int_linear", n.args, n.kwargs) for n in gm.graph.nodes
+               if n.target == torch.ops.dqcompile.int_linear.default]
+    assert linears and all(args["x_zero"] is not None and args["w_sum"] is not None for args in linears)
     # The reference fused ops run the unfused graph's float32 ops in the same order: bit-identical.
     assert torch.equal(output, call(qmodel, inputs))
 
@@ -126,10 +130,47 @@ def test_symmetric_quantizers_drop_the_zero_point_term() -> None:
 
     output, gm, summary = run_rewritten(qmodel, inputs, kernels="reference")
 
-    linears = [node for node in gm.graph.nodes if node.target == torch.ops.dqcompile.int_linear.default]
-    assert summary.symmetric_linears == len(linears) == 6 and summary.w_sums == 0
-    assert all(bind_arguments("int_linear", n.args, n.kwargs)["x_zero"] is None for n in linears)
+    linears = [bind_arguments("int_linear", n.args, n.kwargs) for n in gm.graph.nodes
+               if n.target == torch.ops.dqcompile.int_linear.default]
+    assert len(linears) == 6 and all(args["x_zero"] is None and args["w_sum"] is None for args in linears)
+    assert summary.w_sums == 0
     assert torch.equal(output, call(qmodel, inputs))
+
+
+class TwoLinears(torch.nn.Module):
+    """Two linears on one weight, lowered by hand without x_zero None or w_sum: one after a symmetric
+    quantizer, one after an asymmetric one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        weight = quantize_weight(torch.randn(24, 64, generator=torch.Generator().manual_seed(0)), 4, 32)
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("w_scale", weight.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.dqcompile
+        outputs = []
+        for symmetric in (True, False):
+            qx, x_scale, x_zero = ops.quantize_act(x, 8, 32, symmetric)
+            outputs.append(ops.int_linear(qx, x_scale, x_zero, self.qweight, self.w_scale, None, 4, 32,
+                                          torch.float32))
+        return outputs[0] + outputs[1]
+
+
+def test_prepare_int_linears_drops_zero_terms_and_adds_weight_sums() -> None:
+    module = TwoLinears()
+    gm = torch.fx.symbolic_trace(module)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+    expected = module(x)
+
+    assert prepare_int_linears(gm) == (1, 1)
+
+    linears = [bind_arguments("int_linear", n.args, n.kwargs) for n in gm.graph.nodes
+               if n.target == torch.ops.dqcompile.int_linear]  # symbolic_trace calls the op packet
+    assert linears[0]["x_zero"] is None and linears[0]["w_sum"] is None
+    assert linears[1]["x_zero"] is not None and linears[1]["w_sum"].target is reference.weight_group_sums
+    assert torch.equal(gm(x), expected)
+    assert prepare_int_linears(gm) == (0, 0)  # idempotent
 
 
 def test_aten_decompositions_match_the_reference() -> None:
@@ -188,6 +229,22 @@ def test_compiled_model_matches_eager_in_one_graph(one_block_w8a8: dqcompile.Qua
     assert "kernels=aten, fused {'ln_modulate_quantize': 2, 'gelu_quantize': 1}" in caplog.text
 
 
+def test_modes_reach_inductor_as_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mode= and extra options become compile_fx's config patches, as backend="inductor" would pass them
+    ("reduce-overhead": CUDA graphs; Inductor skips them for CPU graphs)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen: list[Any] = []
+    monkeypatch.setattr(compile_fx_module, "compile_fx",
+                        lambda gm, example_inputs, config_patches=None: seen.append(config_patches) or gm.forward)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    make_backend("reference", mode="reduce-overhead")(gm, [])
+    make_backend("reference", inductor_options={"max_autotune": True})(gm, [])
+    make_backend("reference")(gm, [])
+    assert seen[0]["triton.cudagraphs"] is True
+    assert seen[1] == {"max_autotune": True} and seen[2] is None
+
+
 def test_diffusers_output_type_compiles_without_graph_break(one_block_w8a8: dqcompile.QuantizedModel) -> None:
     torch._dynamo.reset()
     counters.clear()
@@ -219,19 +276,18 @@ def test_interp_triton_kernels_replace_reference_ops(preset: str, symmetric: boo
 
     output, gm, summary = run_rewritten(qmodel, inputs, kernels="triton")
 
-    # gelu_quantize has no Triton kernel yet: it stays on the reference.
-    assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::quantize_act": 1,
-                                  "dqcompile::int_linear": 6}
+    assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::gelu_quantize": 1,
+                                  "dqcompile::quantize_act": 1, "dqcompile::int_linear": 6}
     ops = dqcompile_ops(gm)
     assert ops["dqcompile.int_linear_triton"] == 6 and ops["dqcompile.ln_modulate_quantize_triton"] == 2
+    assert ops["dqcompile.gelu_quantize_triton"] == 1
     assert ops["dqcompile.int_linear"] == ops["dqcompile.quantize_act"] == ops["dqcompile.ln_modulate_quantize"] == 0
-    assert ops["dqcompile.gelu_quantize"] == 1
     linears = [bind_arguments("int_linear", node.args, node.kwargs) for node in gm.graph.nodes
                if node.target == torch.ops.dqcompile.int_linear_triton.default]
     if symmetric:  # zero points are all 0: no zero-point term, no weight sums
         assert all(args["x_zero"] is None and args["w_sum"] is None for args in linears)
     else:
-        assert ops["weight_group_sums"] == 6 and all(args["w_sum"] is not None for args in linears)
+        assert all(args["x_zero"] is not None and args["w_sum"] is not None for args in linears)
     # The Triton LayerNorm sums in another order than ATen's (float32); codes may then flip by one step,
     # as in test_compiled_model_matches_eager_in_one_graph.
     expected = call(qmodel, inputs)

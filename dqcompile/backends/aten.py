@@ -18,13 +18,43 @@ It is the default kernel backend of `torch.compile(qmodel, backend="dqcompile")`
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from dqcompile.backends import cpu_path, reference
 from dqcompile.backends.ops import register_kernel
+from dqcompile.quant.uniform import QParams, quantize
 
-# The quantizers' reference implementations are already ATen ops with no data-dependent Python (the
-# checks look at shapes and constants), so they are their own decompositions.
-register_kernel("aten", "quantize_act", reference.quantize_act, decomposition=True)
-register_kernel("aten", "ln_modulate_quantize", reference.ln_modulate_quantize, decomposition=True)
-register_kernel("aten", "gelu_quantize", reference.gelu_quantize, decomposition=True)
-register_kernel("aten", "quantize_act_static", reference.quantize_act_static, decomposition=True)
+QuantizedActs = tuple[Tensor, Tensor, Tensor]
+
+
+# The quantizers: the reference's formulas as plain ATen ops (statistics, then one elementwise chain that
+# Inductor fuses with the producer of x), without the eager CPU path's row blocks.
+
+def quantize_act(x: Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedActs:
+    qp = reference._dynamic_qparams(x, bits, symmetric, group_size)
+    return quantize(x, qp), qp.scale, qp.zero
+
+
+def ln_modulate_quantize(x: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None, eps: float,
+                         mod_scale: Tensor, mod_shift: Tensor, bits: int, group_size: int,
+                         symmetric: bool) -> QuantizedActs:
+    weight = None if ln_weight is None else ln_weight.float()
+    bias = None if ln_bias is None else ln_bias.float()
+    normalized = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+    return quantize_act(normalized * (1 + mod_scale.float()) + mod_shift.float(), bits, group_size, symmetric)
+
+
+def gelu_quantize(x: Tensor, approximate: str, bits: int, group_size: int, symmetric: bool) -> QuantizedActs:
+    return quantize_act(torch.nn.functional.gelu(x, approximate=approximate), bits, group_size, symmetric)
+
+
+def quantize_act_static(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    return quantize(x, QParams(scale=scale, zero=zero, bits=bits, symmetric=False, group_size=0))
+
+
+register_kernel("aten", "quantize_act", quantize_act, decomposition=True)
+register_kernel("aten", "ln_modulate_quantize", ln_modulate_quantize, decomposition=True)
+register_kernel("aten", "gelu_quantize", gelu_quantize, decomposition=True)
+register_kernel("aten", "quantize_act_static", quantize_act_static, decomposition=True)
 register_kernel("aten", "int_linear", cpu_path.int_linear_decomposed, decomposition=True)

@@ -254,10 +254,13 @@ def op_def(name: str) -> OpDef:
 
 def op_def_of(target: object) -> OpDef | None:
     """The table entry whose op ``target`` (an OpOverload or OpOverloadPacket) is, else None."""
-    if getattr(target, "namespace", None) != NAMESPACE:
+    if isinstance(target, torch._ops.OpOverload):
+        name = target.name()
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
         return None
-    name = target.name() if callable(getattr(target, "name", None)) else None
-    if name is None:
+    if not name.startswith(f"{NAMESPACE}::"):
         return None
     return OP_TABLE.get(name.removeprefix(f"{NAMESPACE}::").split(".")[0])
 
