@@ -183,8 +183,10 @@ def _check_gelu_quantize(x: torch.Tensor, approximate: str, group_size: int, sym
 
     Always: the codes, scales and zero points are bit for bit the reference quantization of the kernel's
     own GELU output, and that output is within one rounding step of x's dtype of aten.gelu. With
-    `exact_gelu` (on a GPU, where the kernel's erf / tanh are CUDA's): the GELU output equals aten's bit
-    for bit, so the codes are exactly those of the unfused ops.
+    `exact_gelu` (on a GPU): the codes, scales and zero points are those of the unfused ops bit for bit, and
+    so is the tanh GELU's output. The erf GELU's output may differ from aten's in the far left tail: on an
+    H200 (torch 2.11, Triton 3.6) 104,471 of 18.9M bf16 outputs did, by up to their whole magnitude (values
+    of 1e-7 and below that one side rounds to 0, where 1 + erf(x / sqrt 2) cancels), and no code or scale did.
     """
     q, x_scale, x_zero, h = gelu_quantize(x, approximate, 8, group_size, symmetric, return_activation=True)
     h_ref = torch.nn.functional.gelu(x, approximate=approximate).float()
@@ -203,7 +205,7 @@ def _check_gelu_quantize(x: torch.Tensor, approximate: str, group_size: int, sym
         mismatched = int((h != h_ref).sum())
         steps = ((h - h_ref).abs() / (finfo.eps * h_ref.abs()).clamp_min(finfo.tiny)).max().item()
         codes_off = int((q != q_ref).sum())
-        assert mismatched == 0 and codes_off == 0, (
+        assert (mismatched == 0 or approximate == "none") and codes_off == 0, (
             f"{mismatched} of {h.numel()} GELU outputs differ from aten.gelu (at most {steps:.2f} rounding steps of "
             f"{x.dtype}); {codes_off} codes and {int((x_scale != scale_ref).sum())} scales differ from the unfused ops")
         assert torch.equal(x_scale, scale_ref) and torch.equal(x_zero, zero_ref)
@@ -507,13 +509,16 @@ def test_cuda_int_linear(m: int, k: int, n: int, w_bits: int, group_size: int, s
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("config", [
-    GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 4, tma=False),
+    GemmConfig(128, 256, 128, 8, 8, 3), GemmConfig(128, 128, 128, 8, 4, 3, ctas_per_sm=2),
+    GemmConfig(128, 128, 128, 8, 4, 4, tma=False),
     GemmConfig(64, 128, 128, 8, 4, 4, swap_ab=True), GemmConfig(128, 128, 128, 8, 8, 4, num_programs=7),
     GemmConfig(128, 128, 256, 8, 8, 3, flatten=False),
 ] if HAS_CUDA else [None], ids=lambda c: c.label() if c else "none")
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_cuda_gemm_configs(config: GemmConfig, w_bits: int) -> None:
-    """Forced configs on ragged shapes (M, N not multiples of the tiles; K with a partial last chunk)."""
+    """Forced configs on ragged shapes (M, N not multiples of the tiles; K with a partial last chunk), with
+    bf16 and int32 outputs: a config whose output tile does not fit in shared memory with its pipeline runs
+    with fewer stages (on an H200, 128x256 with three stages and int32 output asked for 278,552 bytes)."""
     for m, k, n in ((1000, 1152, 1000), (333, 320, 200)):
         _check_int_linear(m, k, n, w_bits, 0, False, torch.bfloat16, "cuda", config=config)
         _check_int_matmul(m, k, n, w_bits, "cuda", config=config)

@@ -73,7 +73,9 @@ class GemmConfig:
     block_k is the K step of int8 weights; packed int4 weights step by one 128-column chunk per
     channel-wise K step (two 64-column dots), or by 64 columns in grouped mode, whatever block_k says.
     tma: None chooses TMA wherever the device and the operands allow it; True / False force it (True on
-    operands TMA cannot address raises). num_programs: 0 means one program per SM.
+    operands TMA cannot address raises). num_programs: the persistent grid's size; 0 means ctas_per_sm
+    programs per SM (2: two programs share each SM, one's epilogue and MMA waits overlapping the other's
+    main loop, which is what int8 needs from Triton, see `_MEASURED`).
     """
 
     block_m: int
@@ -87,12 +89,14 @@ class GemmConfig:
     flatten: bool = True
     warp_specialize: bool = False
     num_programs: int = 0
+    ctas_per_sm: int = 1
 
     def label(self) -> str:
         flags = "".join(f for f, on in (("S", self.swap_ab), ("W", self.warp_specialize), ("F", self.flatten)) if on)
         tma = {None: "", True: "T", False: "P"}[self.tma]
         return (f"{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
-                f"{flags}{tma}" + (f"p{self.num_programs}" if self.num_programs else ""))
+                f"{flags}{tma}" + (f"p{self.num_programs}" if self.num_programs else "")
+                + (f"c{self.ctas_per_sm}" if self.ctas_per_sm != 1 else ""))
 
 
 def set_autotune(enabled: bool) -> None:
@@ -347,9 +351,23 @@ def int4_in_kernel(k: int, group_size: int) -> bool:
     return group_size == 0 or (group_size % 64 == 0 and k % CHUNK == 0)
 
 
-# Tile configs measured fastest per DiT-XL/2 shape on an H200 (benchmarks/bench_gemm.py --sweep;
-# benchmarks/results/gemm_h200.json), keyed by (M bucket, N, K, int4). Others fall back to the rule below.
-_MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {}
+# Tile configs measured fastest per DiT-XL/2 shape on an H200 (132 SMs), with bf16 output: the sweep of
+# `benchmarks/bench_gemm.py --sweep` (benchmarks/results/gemm_h200.json, commit 9dd27cf), keyed by
+# (M bucket, N, K, int4). Every config there was checked bit for bit against the reference before it was
+# timed. What the sweep shows: Triton 3.6 never issues an int8 wgmma asynchronously (its pipeliner makes a
+# dot async only with a float32 accumulator), so each K step's MMAs drain before the next start; the fastest
+# configs are those where another program on the same SM fills that gap: two 128x128 programs of one
+# warpgroup per SM (ctas_per_sm=2) beat every one-program tiling by 15-40 %.
+_W8_TWO_PER_SM = GemmConfig(128, 128, 128, 8, 4, 3, ctas_per_sm=2)
+_W4_TWO_PER_SM = GemmConfig(128, 128, 128, 8, 4, 3, swap_ab=True, ctas_per_sm=2)
+_W4_LARGE = GemmConfig(256, 128, 128, 8, 8, 3, swap_ab=True)
+_MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {
+    **{(m, n, k, False): _W8_TWO_PER_SM for m in (4096, 16384)
+       for n, k in ((3456, 1152), (1152, 1152), (4608, 1152), (1152, 4608))},
+    (4096, 3456, 1152, True): _W4_TWO_PER_SM, (4096, 1152, 1152, True): _W4_TWO_PER_SM,
+    (4096, 4608, 1152, True): _W4_LARGE, (4096, 1152, 4608, True): _W4_TWO_PER_SM,
+    **{(16384, n, k, True): _W4_LARGE for n, k in ((3456, 1152), (1152, 1152), (4608, 1152), (1152, 4608))},
+}
 
 
 def _m_bucket(m: int) -> int:
@@ -357,7 +375,7 @@ def _m_bucket(m: int) -> int:
 
 
 def gemm_candidate_configs(m: int, group_size: int, *, w_int4: bool = False) -> list[GemmConfig]:
-    """Configs worth trying for M rows, in order of preference (the sweep of bench_gemm.py times them)."""
+    """Configs worth trying for M rows, in order of preference (the first ones measured fastest)."""
     block_k = 128 if group_size == 0 else (64 if w_int4 else _int8_block_k(group_size))
     if group_size and m > 64:  # two accumulators (int32 per group, float32 across groups): smaller tiles
         if w_int4:
@@ -365,49 +383,31 @@ def gemm_candidate_configs(m: int, group_size: int, *, w_int4: bool = False) -> 
                     GemmConfig(128, 64, block_k, 8, 8, 4, swap_ab=True)]
         return [GemmConfig(128, 64, block_k, 8, 8, 4), GemmConfig(64, 128, block_k, 8, 4, 4)]
     if m <= 64:
+        # Weight streaming with a few rows: 64 output channels per program; pointer loads measured faster
+        # than TMA here (no descriptor to build per program), and narrower or wider tiles slower.
         block_m = max(16, triton.next_power_of_2(m))
-        return [GemmConfig(block_m, 64, block_k, 1, 4, 4, swap_ab=True),
-                GemmConfig(block_m, 128, block_k, 1, 4, 4, swap_ab=True),
-                GemmConfig(block_m, 32, block_k, 1, 4, 4, swap_ab=True)]
+        return [GemmConfig(block_m, 64, block_k, 1, 4, 4, swap_ab=True, tma=False),
+                GemmConfig(block_m, 64, block_k, 1, 4, 4, swap_ab=True),
+                GemmConfig(block_m, 128, block_k, 1, 4, 4, swap_ab=True)]
     if w_int4:
-        return [GemmConfig(128, 128, block_k, 8, 8, 4, swap_ab=True),
-                GemmConfig(256, 128, block_k, 8, 8, 3, swap_ab=True),
-                GemmConfig(128, 64, block_k, 8, 4, 4, swap_ab=True),
-                GemmConfig(128, 256, block_k, 8, 8, 3),
-                GemmConfig(128, 128, block_k, 8, 8, 4)]
-    return [GemmConfig(128, 256, block_k, 8, 8, 3),
-            GemmConfig(128, 128, block_k, 8, 8, 4),
-            GemmConfig(128, 128, block_k, 8, 4, 4),
-            GemmConfig(64, 128, block_k, 8, 4, 4),
-            GemmConfig(256, 128, block_k, 8, 8, 3)]
+        return [_W4_TWO_PER_SM if m <= 8192 else _W4_LARGE, _W4_LARGE if m <= 8192 else _W4_TWO_PER_SM,
+                GemmConfig(128, 128, block_k, 8, 8, 4, swap_ab=True)]
+    return [_W8_TWO_PER_SM, GemmConfig(128, 256, block_k, 8, 8, 4), GemmConfig(256, 128, block_k, 8, 8, 3),
+            GemmConfig(128, 128, block_k, 8, 4, 4)]
 
 
 def choose_gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device, *,
                        w_int4: bool = False) -> GemmConfig:
     """The tile config for an [M, K] x [N, K] GEMM, from static shapes only (traceable).
 
-    A measured table first (the DiT-XL/2 shapes); otherwise the first candidate whose tiles spread over the
-    persistent programs with little imbalance: with T tiles on P programs the busiest program runs
-    ceil(T / P) tiles against T / P on average, so a tile shape with a higher T / (ceil(T / P) P) wins
-    unless its tiles are much less efficient (smaller tiles are weighted down).
+    The measured table first (the DiT-XL/2 shapes); otherwise the first candidate, which the sweep measured
+    fastest on every DiT shape of its M range. (`_launch` lowers the pipeline depth where the output tile
+    would not fit in shared memory, e.g. float32 or int32 outputs.)
     """
     measured = _MEASURED.get((_m_bucket(m), int(n), int(k), w_int4)) if group_size == 0 else None
     if measured is not None:
         return measured
-    candidates = gemm_candidate_configs(m, group_size, w_int4=w_int4)
-    if m <= 64:
-        return candidates[0]
-    programs = _sm_count(device)
-    best, best_score = candidates[0], -1.0
-    for rank, config in enumerate(candidates):
-        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-        balance = tiles / (triton.cdiv(tiles, programs) * programs)
-        # Larger tiles reuse each loaded byte more: a 128x256 tile is the reference, 128x128 ~0.9.
-        size = (config.block_m * config.block_n / (128 * 256)) ** 0.15
-        score = balance * size * (1.0 - 0.01 * rank)
-        if score > best_score:
-            best, best_score = config, score
-    return best
+    return gemm_candidate_configs(m, group_size, w_int4=w_int4)[0]
 
 
 def weight_group_sums(qw: torch.Tensor, w_bits: int, group_size: int) -> torch.Tensor:
@@ -439,6 +439,30 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_allocator)
 
 
+# Shared memory a program may use on Hopper (227 KiB) when the device cannot be asked (the interpreter).
+_DEFAULT_SMEM_PER_BLOCK = 232448
+
+
+def _smem_estimate(config: GemmConfig, block_k: int, w_int4: bool, out_size: int) -> int:
+    """Bytes of shared memory the kernel takes, an upper bound: the pipeline's operand buffers plus the
+    output tile that the epilogue's layout conversion stages (Triton 3.6 reported 147,456 + 131,096 bytes
+    for 128x256x128, three stages, int32 out: over the 232,448 a block may have)."""
+    x_bytes = config.block_m * block_k
+    w_bytes = config.block_n * (CHUNK // 2 if w_int4 else block_k)  # int4 steps load a chunk's 64 bytes
+    return config.num_stages * (x_bytes + w_bytes) + config.block_m * config.block_n * out_size + 1024
+
+
+def _fit_stages(config: GemmConfig, block_k: int, w_int4: bool, out_size: int, device: torch.device) -> GemmConfig:
+    """The config with its pipeline shortened (down to 2 stages) until its shared memory fits the device."""
+    if device.type != "cuda":
+        return config
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) \
+        or _DEFAULT_SMEM_PER_BLOCK
+    while config.num_stages > 2 and _smem_estimate(config, block_k, w_int4, out_size) > limit:
+        config = replace(config, num_stages=config.num_stages - 1)
+    return config
+
+
 def _tma_allowed(device: torch.device) -> bool:
     if INTERPRETING or device.type != "cuda" or not hasattr(tl, "make_tensor_descriptor"):
         return False
@@ -464,6 +488,7 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         block_k = config.block_k
     if group_size and group_size % block_k:
         raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
+    config = _fit_stages(config, block_k, w_int4, out.element_size(), qx.device)
     mask_k = k % (CHUNK if w_int4 else block_k) != 0
     tma_possible = (_tma_allowed(qx.device) or (INTERPRETING and config.tma is True)) \
         and _tma_addressable(qx) and _tma_addressable(qw) and not (w_int4 and mask_k)
@@ -473,7 +498,7 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
     if use_tma and not INTERPRETING:
         _ensure_allocator()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    programs = max(1, min(tiles, config.num_programs or _sm_count(qx.device)))
+    programs = max(1, min(tiles, config.num_programs or config.ctas_per_sm * _sm_count(qx.device)))
     # Unused pointer arguments get a live tensor so the signature stays fixed; the flags skip them.
     placeholder = out
     x_scale_arg = x_scale if x_scale is not None else placeholder

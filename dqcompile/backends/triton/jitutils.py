@@ -25,15 +25,15 @@ _INTERPRETED = tl.constexpr(INTERPRETING)
 
 
 def launcher(kernel: Any) -> Any:
-    """`torch.library.wrap_triton(kernel)`: what a torch.library.triton_op body launches its kernels through,
-    so that tracing records the launch and Inductor's generated code makes it. Under the interpreter the
-    kernel itself (torch before 2.12 refuses to wrap an interpreted kernel; there is nothing to trace)."""
-    try:
-        return torch.library.wrap_triton(kernel)
-    except RuntimeError:
-        if INTERPRETING:
-            return kernel
-        raise
+    """How a launcher launches `kernel`: through `torch.library.wrap_triton(kernel)` while torch traces (a
+    torch.library.triton_op body under make_fx / AOTAutograd, or dynamo), so that the launch is recorded and
+    Inductor's generated code makes it; directly in plain eager code on real tensors, as triton_op's own
+    eager path does. (Eager launches through the wrapper measured 0.52-0.82 ms per GEMM on an H200 where
+    the kernel takes 0.02-0.2 ms: torch dispatches them as a higher-order op.) Directly under the
+    interpreter too, unless something traces: torch before 2.12 refuses to wrap an interpreted kernel."""
+    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 @triton.jit
