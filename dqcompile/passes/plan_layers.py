@@ -8,6 +8,7 @@ from torch.fx import Node
 
 from dqcompile.graph import is_linear, is_metadata, linear_nodes
 from dqcompile.passes.context import META_KEY, PassContext
+from dqcompile.passes.roles import default_float_reasons
 from dqcompile.plan import LayerPlan
 
 
@@ -35,6 +36,7 @@ def plan_layers(gm: GraphModule, ctx: PassContext) -> None:
     with that reason: quantizing it would change the other use, or delete what it reads.
     """
     other_uses = _other_uses(gm)
+    roles = default_float_reasons(gm, ctx.spec)  # condition / embedding linears by their role in the graph
     for node in linear_nodes(gm):
         weight_name = node.args[1].target
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -45,7 +47,7 @@ def plan_layers(gm: GraphModule, ctx: PassContext) -> None:
             out_features, in_features = gm.get_parameter(weight_name).shape
             tied = other_uses.get(weight_name)
             reason = (f"weight also read by {', '.join(sorted({str(user.target) for user in tied}))}: kept in float"
-                      if tied else ctx.spec.keep_float_reason(layer_name))
+                      if tied else ctx.spec.keep_float_reason(layer_name) or roles.get(layer_name))
             plan = LayerPlan(name=layer_name, weight_name=weight_name, bias_name=bias_name,
                              in_features=in_features, out_features=out_features, float_reason=reason)
             if plan.float_reason is None:
