@@ -21,6 +21,10 @@ from dqcompile.spec import ActivationSpec, GPTQOptions, QuantSpec, WeightSpec, p
 
 register_backend()  # torch.compile(model, backend="dqcompile")
 
+from dqcompile import integrations  # noqa: E402
+
+integrations.register()  # diffusers: quantization_config={"quant_method": "dqcompile", ...}, from_pretrained
+
 __all__ = [
     "ActivationSpec",
     "AdaLNPair",

@@ -75,7 +75,7 @@ class QuantizedModel(nn.Module):
             return self.graph_module
         graphs = self.__dict__.setdefault("_graphs_by_batch", {})
         if batch not in graphs:
-            graphs[batch] = _relowered(self.graph_module, self.binding, self.plan, inputs)
+            graphs[batch] = _relowered(self, inputs)
         return graphs[batch]
 
     def train(self, mode: bool = True) -> QuantizedModel:
@@ -96,19 +96,47 @@ class QuantizedModel(nn.Module):
         self.__dict__.pop("_graphs_by_batch", None)  # they share the old tensors: lowered again on use
         return self
 
+    # ---- diffusers-style conveniences (dqcompile.integrations)
+
+    def save_pretrained(self, save_directory: Any, **_: Any) -> Any:
+        """A folder both dqcompile.load and the source class's from_pretrained read (integrations.diffusers)."""
+        from dqcompile.integrations.diffusers import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
+    def load_lora_weights(self, lora: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+        """A LoRA as a float branch beside the integer GEMMs (integrations.lora.load_lora_weights)."""
+        from dqcompile.integrations.lora import load_lora_weights
+
+        load_lora_weights(self, lora, adapter_name, **kwargs)
+
+    def set_adapters(self, adapter_names: Any, weights: Any = None) -> None:
+        from dqcompile.integrations.lora import set_adapters
+
+        set_adapters(self, adapter_names, weights)
+
+    def unload_lora_weights(self) -> None:
+        from dqcompile.integrations.lora import unload_lora_weights
+
+        unload_lora_weights(self)
+
     def extra_repr(self) -> str:
         return f"source={self.source_class}, spec={self.spec.name}, dtype={self._dtype}"
 
 
-def _relowered(lowered: GraphModule, binding: CallBinding, plan: ModelPlan, inputs: dict[str, Any]) -> GraphModule:
+def _relowered(owner: QuantizedModel, inputs: dict[str, Any]) -> GraphModule:
     """The architecture captured again for `inputs` (binding.recapture), lowered from `plan`, holding
     `lowered`'s parameters and buffers by name."""
     from dqcompile.passes.lower import DERIVED_META, lower
 
+    lowered, binding, plan = owner.graph_module, owner.binding, owner.plan
     if binding.recapture is None:
         raise ValueError(f"this model was captured with a static batch of {binding.static_batch} and cannot be "
                          f"captured again here; call it with {binding.static_batch} samples")
-    source = dict((*lowered.named_parameters(), *lowered.named_buffers()))
+    from dqcompile.integrations.lora import ROOT as LORA_ROOT, apply_to_graph
+
+    source = {name: t for name, t in (*lowered.named_parameters(), *lowered.named_buffers())
+              if not name.startswith(LORA_ROOT + ".")}
     gm = binding.recapture(inputs, source).graph_module
     lower(gm, plan)
     target = [name for name, _ in (*gm.named_parameters(), *gm.named_buffers())]
@@ -116,13 +144,14 @@ def _relowered(lowered: GraphModule, binding: CallBinding, plan: ModelPlan, inpu
         missing = sorted(set(target) - set(source))[:3]
         raise RuntimeError(f"the graph captured again for another batch holds tensors the model does not: {missing}")
     for name in target:
-        owner_path, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = source[name]
+        module_path, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(module_path) if module_path else gm
+        if leaf in module._parameters:
+            module._parameters[leaf] = source[name]
         else:
-            owner._buffers[leaf] = source[name]
-    gm.meta[DERIVED_META] = lowered.meta.get(DERIVED_META, [])
+            module._buffers[leaf] = source[name]
+    gm.meta[DERIVED_META] = [n for n in lowered.meta.get(DERIVED_META, []) if not n.startswith(LORA_ROOT + ".")]
     device = next(iter(source.values())).device if source else torch.device("cpu")
     retarget_device(gm, device)
+    apply_to_graph(owner, gm)  # the model's LoRA branches, if any
     return gm
