@@ -52,6 +52,7 @@ bundle() {  # the small files into one tarball (the shards travel as they are); 
 trap bundle EXIT
 
 log "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null)"
+export DQCOMPILE_FMNIST="${DQCOMPILE_FMNIST:-$PWD/.data/fashion-mnist}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | tee -a "$LOG" || exit 1
 export PYTHONPATH="/tmp/site:$PWD"
