@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx._pytree import tree_flatten_spec
+from torch.utils._pytree import tree_unflatten
 
 from dqcompile.capture import CallBinding
 from dqcompile.passes.retarget_device import retarget_device
@@ -60,7 +63,20 @@ class QuantizedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs, return_dict = self.binding.graph_kwargs(args, kwargs)
-        return self.binding.wrap_output(self.graph_for(inputs)(**inputs), return_dict)
+        graph = self.graph_for(inputs)
+        return self.binding.wrap_output(graph(**_conformed(graph, inputs)), return_dict)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a QuantizedModel cannot be pickled (torch.save, pickle): its graph is code, which dqcompile never "
+            "pickles; save it with dqcompile.save(qmodel, folder) and read it back with dqcompile.load(folder)"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantizedModel:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def graph_for(self, inputs: dict[str, Any]) -> GraphModule:
         """The lowered graph that runs a call's graph inputs: `graph_module`, unless the model's code fixed
@@ -122,6 +138,50 @@ class QuantizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source_class}, spec={self.spec.name}, dtype={self._dtype}"
+
+
+def _conformed(graph: GraphModule, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The call's graph inputs as the captured graph takes them: a tensor of another dtype than captured
+    is cast where the float model computes the same (integer timesteps or labels of another width,
+    integral float timesteps into an integer graph, integers into a float one, another float precision);
+    a shape that differs from the captured one outside the batch dimension, or fractional values where
+    integers were captured, are refused in one sentence that says how to capture what is asked.
+    Skipped under torch.compile: dynamo guards the inputs' dtypes and shapes itself."""
+    if torch.compiler.is_compiling():
+        return inputs
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    flat = tree_flatten_spec(((), inputs), graph._in_spec)
+    changed = False
+    for index, (node, value) in enumerate(zip(placeholders, flat)):
+        expected = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
+            continue
+        name = str(node.target)
+        static = [size if isinstance(size, int) else None for size in expected.shape]
+        if value.dim() != len(static) or any(e is not None and e != v for e, v in zip(static, value.shape)):
+            captured = "(" + ", ".join("B" if e is None else str(e) for e in static) + ")"
+            raise ValueError(
+                f"input {name} has shape {tuple(value.shape)}; the model was captured at {captured} (B: any "
+                "batch): quantize with example_inputs of this shape to run it (one capture serves one shape)"
+            )
+        if value.dtype != expected.dtype:
+            flat[index] = _cast(name, value, expected.dtype)
+            changed = True
+    if not changed:
+        return inputs
+    _, kwargs = tree_unflatten(flat, graph._in_spec)
+    return kwargs
+
+
+def _cast(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool or value.dtype == torch.bool:
+        raise ValueError(f"input {name} is {value.dtype}; the model was captured with {dtype}")
+    if not dtype.is_floating_point and value.dtype.is_floating_point and not torch.equal(value, value.round()):
+        raise ValueError(
+            f"input {name} holds fractional values ({value.dtype}) but the model was captured with {dtype} "
+            f"{name}: quantize with example inputs whose {name} is {value.dtype} to run it with fractional values"
+        )
+    return value.to(dtype)
 
 
 def _relowered(owner: QuantizedModel, inputs: dict[str, Any]) -> GraphModule:
