@@ -10,23 +10,28 @@ step with classifier-free guidance is one transformer forward on 2 x images rows
 class); 8 and 32 images give 16 and 64 rows.
 
 Variants (--variants picks a subset, in this order):
-  eager           the bf16 model as it is
-  compile         torch.compile(model), Inductor's default mode: the baseline to beat
-  dqcompile_w8a8  dqcompile.quantize(model, "w8a8") then torch.compile(backend="dqcompile", kernels "triton")
-  torchao_fp8     torchao Float8DynamicActivationFloat8Weight (per row) + torch.compile
-  dqcompile_w4a8  as dqcompile_w8a8 with the "w4a8" preset (packed int4 weights)
-  gemm            GEMM throughput at the model's linear shapes: cuBLAS bf16 against dqcompile's Triton GEMMs
-  torchao_int8    torchao Int8DynamicActivationInt8Weight + torch.compile
+  eager              the bf16 model as it is
+  compile            torch.compile(model), Inductor's default mode: the baseline to beat
+  compile_ro         torch.compile(model, mode="reduce-overhead"): Inductor with CUDA graphs
+  dqcompile_w8a8     dqcompile.quantize(model, "w8a8"), torch.compile(backend="dqcompile"): Triton kernels
+  dqcompile_w8a8_ro  the same with mode="reduce-overhead"
+  dqcompile_w4a8     as dqcompile_w8a8 with the "w4a8" preset (packed int4 weights)
+  torchao_fp8        torchao Float8DynamicActivationFloat8Weight (per row) + torch.compile
+  torchao_int8       torchao Int8DynamicActivationInt8Weight + torch.compile
 torchao quantizes the same linears as dqcompile (every nn.Linear but the spec's keep_float ones: timestep
 and class embeddings, adaLN modulation, final projection), so both compress the same layers; torchao
-variants are skipped, with a note, when torchao is not installed.
+variants are skipped, with a note, when torchao is not installed. They compile with static shapes
+(one compile per row count: with the batch marked dynamic, earlier runs did not finish compiling).
+GEMM throughput per shape is benchmarks/bench_gemm.py's.
 
-Figures per variant and row count: median ms per step over repeated calls as the model runs (Python and
-kernel launches included: triton.testing.do_bench), and the same step replayed as one CUDA graph (launch
-overhead removed: what the GPU alone needs); time to prepare (quantize) and of the first call (compile);
-weight memory (every parameter and buffer, tensor subclasses counted by their inner tensors); the
-relative L2 error of the output against the bf16 model's; dynamo's graph and graph-break counts. The
-compiled variants mark the batch dimension dynamic, so one compile serves both row counts.
+Timing, one method for every variant: CUDA events around N consecutive calls (no cache flush between
+them, as a sampler runs its steps), ms per call, median of 5 such runs. Figures per variant and row
+count: ms per step as a user calls it; the same step captured once as a CUDA graph and its replays timed
+the same way (what the GPU alone needs); host ms (the CPU's time to issue one step, the GPU idle
+before); the first call (compile) in seconds; weight memory (every parameter and buffer, tensor
+subclasses by their inner tensors); the relative L2 error of the output against the bf16 model's; and a
+per-kernel-class breakdown of GPU time (GEMM, quantize, attention, other) from torch.profiler. Compiled
+dqcompile and bf16 variants mark the batch dimension dynamic, so one compile serves both row counts.
 
 Each variant runs in its own subprocess, under a time limit (the rest of --budget-s, at most
 --variant-timeout-s), so a compile that hangs or fails costs only its own figures. Progress goes to
@@ -39,10 +44,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -50,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +69,14 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
                 sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
-VARIANTS = ("eager", "compile", "dqcompile_w8a8", "torchao_fp8", "dqcompile_w4a8", "gemm", "torchao_int8")
-COMPILED = {"compile", "dqcompile_w8a8", "torchao_fp8", "dqcompile_w4a8", "torchao_int8"}
+VARIANTS = ("eager", "compile", "compile_ro", "dqcompile_w8a8", "dqcompile_w8a8_ro", "dqcompile_w4a8", "torchao_fp8",
+            "torchao_int8")
+COMPILED = {"compile", "compile_ro", "dqcompile_w8a8", "dqcompile_w8a8_ro", "dqcompile_w4a8", "torchao_fp8",
+            "torchao_int8"}
+# Compiled with static shapes: one compile per row count (see the module docstring).
+STATIC_SHAPES = {"torchao_fp8", "torchao_int8"}
+# Consecutive calls per timed run, and runs per figure (the median is reported).
+CALLS_PER_RUN, RUNS = 20, 5
 # A variant is not started with less time left than this: a DiT-XL/2 compile alone takes about a minute.
 MIN_VARIANT_S = 45.0
 
@@ -143,38 +155,48 @@ def torchao_config(kind: str) -> Any:
 
 def prepare(variant: str, model: nn.Module, device: str) -> tuple[Callable[..., Any], nn.Module, dict]:
     """(the callable to time, the module holding its weights, notes) for a model variant."""
-    if variant == "eager":
+    mode = "reduce-overhead" if variant.endswith("_ro") else None
+    base = variant.removesuffix("_ro")
+    if base == "eager":
         return model, model, {}
-    if variant == "compile":
-        return torch.compile(model), model, {}
-    if variant.startswith("torchao_"):
+    if base == "compile":
+        return torch.compile(model, mode=mode), model, {"mode": mode or "default"}
+    if base.startswith("torchao_"):
         from torchao.quantization import quantize_
 
-        config = torchao_config(variant.removeprefix("torchao_"))
+        config = torchao_config(base.removeprefix("torchao_"))
         quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not keeps_float(fqn))
-        return torch.compile(model), model, {"torchao_config": type(config).__name__}
+        return torch.compile(model, dynamic=False), model, {"torchao_config": type(config).__name__}
     import dqcompile
 
-    qmodel = dqcompile.quantize(model, variant.removeprefix("dqcompile_"), progress=False)
-    kernels = "triton" if device == "cuda" else "reference"
-    notes = {"kernels": kernels, "report": str(qmodel.report).splitlines()[0]}
-    return torch.compile(qmodel, backend="dqcompile", options={"kernels": kernels}), qmodel, notes
+    qmodel = dqcompile.quantize(model, base.removeprefix("dqcompile_"), progress=False)
+    notes = {"mode": mode or "default", "report": str(qmodel.report).splitlines()[0]}
+    return torch.compile(qmodel, backend="dqcompile", mode=mode), qmodel, notes
 
 
 # ------------------------------------------------------------------------------------------ timing
 
 def median_ms(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=200, rep=1500, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """ms per call: CUDA events (a host clock on CPU) around CALLS_PER_RUN consecutive calls, no cache
+    flush between them, median of RUNS runs after a warm-up run."""
+    runs = []
+    for run in range(RUNS + 1):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(CALLS_PER_RUN):
+                fn()
+            stop.record()
+            stop.synchronize()
+            elapsed = start.elapsed_time(stop)
+        else:
+            begin = time.perf_counter()
+            for _ in range(CALLS_PER_RUN):
+                fn()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if run:  # the first run warms up
+            runs.append(elapsed / CALLS_PER_RUN)
+    return statistics.median(runs)
 
 
 def cuda_graph_ms(step: Callable[[dict], object], inputs: dict[str, torch.Tensor]) -> float:
@@ -223,8 +245,31 @@ def profile_step(step: Callable[[dict], object], batch: dict[str, torch.Tensor],
                  "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
                  "self_gpu_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3)} for e in ranked]
 
+    classes: dict[str, float] = {}
+    for event in events:
+        if event.self_device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kernel_class(event.key)
+            classes[kind] = classes.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
     return {"by_cpu": rows("self_cpu_time_total"), "by_gpu": rows("self_device_time_total"),
-            "gpu_ms_per_step": round(sum(e.self_device_time_total for e in events) / 1e3 / steps, 3)}
+            "gpu_ms_per_step": round(sum(e.self_device_time_total for e in events) / 1e3 / steps, 3),
+            "gpu_ms_by_class": {kind: round(ms, 3) for kind, ms in sorted(classes.items())}}
+
+
+# Kernel-name fragments of each class, checked in this order (a fused quantizing GEMM counts as GEMM).
+KERNEL_CLASSES = (
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "int_linear", "_int_mm", "matmul", "mm_", "scaled_mm", "wgmma")),
+    ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
+    ("quantize", ("quantize", "quant", "amax", "round", "clamp")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """GEMM, attention, quantize or other, from a CUDA kernel's name."""
+    lowered = name.lower()
+    for kind, fragments in KERNEL_CLASSES:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
 
 
 def synchronize(device: str) -> None:
@@ -257,11 +302,12 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
 
     for index, rows in enumerate(rows_list):
         batch = inputs[rows]
-        if variant in COMPILED and index == 0:
+        if variant in COMPILED and variant not in STATIC_SHAPES and index == 0:
             for tensor in batch.values():  # one compile for every row count
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         # Said before the call: a variant stopped at its time limit shows it was compiling.
-        log(f"{variant}: {rows} rows: first call" + (" (compiling)" if variant in COMPILED and index == 0 else ""))
+        compiling = variant in COMPILED and (index == 0 or variant in STATIC_SHAPES)
+        log(f"{variant}: {rows} rows: first call" + (" (compiling)" if compiling else ""))
         start = time.perf_counter()
         output = step(batch)
         synchronize(device)
@@ -272,8 +318,7 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
         figures["ms_per_step"] = round(median_ms(lambda: step(batch), device), 3)
         if device == "cuda":
             figures["host_ms_per_step"] = round(host_ms(step, batch), 3)
-            if index == 0:
-                result["profile"] = profile_step(step, batch)
+            figures["profile"] = profile_step(step, batch)
             try:
                 figures["ms_per_step_cuda_graph"] = round(cuda_graph_ms(step, batch), 3)
             except Exception as error:  # a variant whose step cannot be captured still has its other figures
@@ -304,53 +349,6 @@ def _collect_backend_log() -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------ GEMMs
-
-def run_gemm(config: dict, rows_list: list[int], device: str) -> dict:
-    """TOP/s of each linear shape of the model's blocks at its token counts, as the variants run them."""
-    if device != "cuda":
-        raise Skipped("the GEMM section needs CUDA (Triton kernels)")
-    from dqcompile.backends import reference
-    from dqcompile.backends.triton import quantize_act, triton_int_linear, weight_group_sums
-    from dqcompile.quant.packing import pack_int4
-
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    tokens = (config["sample_size"] // config["patch_size"]) ** 2
-    shapes = {"attn q/k/v/out": (width, width), "ff fc1": (width, 4 * width), "ff fc2": (4 * width, width)}
-    records = []
-    for rows in rows_list:
-        m = rows * tokens
-        for layer, (k, n) in shapes.items():
-            generator = torch.Generator(device=device).manual_seed(m + k + n)
-            x = torch.randn(m, k, device=device, generator=generator, dtype=torch.bfloat16)
-            w = torch.randn(n, k, device=device, generator=generator, dtype=torch.bfloat16) * 0.02
-            bias = torch.zeros(n, device=device, dtype=torch.bfloat16)
-            codes8 = torch.randint(-127, 128, (n, k), device=device, generator=generator, dtype=torch.int8)
-            packed4 = pack_int4(torch.randint(-7, 8, (n, k), device=device, generator=generator, dtype=torch.int8))
-            w_scale = torch.full((n, 1), 1e-3, device=device)
-            qx, xs, xz = reference.quantize_act(x, 8, 0, False)  # the presets' asymmetric per-token codes
-            wsum8, wsum4 = weight_group_sums(codes8, 8, 0), weight_group_sums(packed4, 4, 0)
-
-            def quantize_and_w8a8() -> torch.Tensor:
-                q, s, z = quantize_act(x, 8, 0, False)
-                return triton_int_linear(q, s, z, codes8, w_scale, bias, 8, 0, torch.bfloat16, w_sum=wsum8)
-
-            methods = {
-                "bf16": lambda: F.linear(x, w, bias),
-                "w8a8": lambda: triton_int_linear(qx, xs, xz, codes8, w_scale, bias, 8, 0, torch.bfloat16,
-                                                  w_sum=wsum8),
-                "w8a8_with_quantize": quantize_and_w8a8,
-                "w4a8": lambda: triton_int_linear(qx, xs, xz, packed4, w_scale, bias, 4, 0, torch.bfloat16,
-                                                  w_sum=wsum4),
-            }
-            tops = {name: round(2 * m * n * k / (median_ms(fn, device) * 1e-3) / 1e12, 1)
-                    for name, fn in methods.items()}
-            records.append({"layer": layer, "m": m, "k": k, "n": n, "tops": tops})
-            log(f"gemm {layer:15s} M={m:6d} K={k:5d} N={n:5d}: "
-                + ", ".join(f"{name} {value} TOP/s" for name, value in tops.items()))
-    return {"gemm": records, "unit": "TOP/s (bf16: TFLOP/s) = 2 M N K / median time"}
-
-
 # ------------------------------------------------------------------------------------------ worker / parent
 
 def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -> None:
@@ -362,10 +360,7 @@ def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -
         if device == "cuda" and not torch.cuda.is_available():
             raise Skipped("no CUDA device (use --quick for the CPU smoke check)")
         with torch.no_grad():
-            if variant == "gemm":
-                result = run_gemm(config, rows_list, device)
-            else:
-                result = run_model_variant(variant, config, rows_list, device, dtype)
+            result = run_model_variant(variant, config, rows_list, device, dtype)
         result["status"] = "ok"
     except Skipped as reason:
         result = {"status": "skipped", "note": str(reason)}
@@ -377,14 +372,16 @@ def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -
     result_path.write_text(json.dumps(result))
 
 
-def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[int], timeout_s: float) -> dict:
+def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[int], timeout_s: float,
+                        gpu: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         result_path = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--worker", variant, "--result", str(result_path),
                    "--images", ",".join(str(rows // 2) for rows in rows_list)] + (["--quick"] if args.quick else [])
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
         start = time.perf_counter()
         try:
-            completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT)
+            completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT, env=env)
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "note": f"stopped after {timeout_s:.0f} s (time limit)"}
         wall_s = round(time.perf_counter() - start, 1)
@@ -400,8 +397,6 @@ def markdown_table(results: dict, rows_list: list[int]) -> str:
         + ["compile s", "rel. L2 vs bf16"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, result in results.items():
-        if variant == "gemm":
-            continue
         if result.get("status") != "ok":
             note = result.get("note") or result.get("error", "")
             lines.append(f"| {variant} | {result.get('status')}: {note[:80]} |" + " |" * (len(header) - 2))
@@ -426,6 +421,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny DiT in float32 on CPU: a smoke check")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no variant after this long")
     parser.add_argument("--variant-timeout-s", type=float, default=300.0, help="time limit of one variant")
+    parser.add_argument("--gpus", default=None,
+                        help="GPU indices to run variants on side by side, one variant per GPU at a time (e.g. 0,1)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -446,25 +443,45 @@ def main() -> None:
     data: dict[str, Any] = {
         "meta": {**run_metadata(), "model": "DiTTransformer2DModel", "config": config,
                  "dtype": "float32" if args.quick else "bfloat16", "quick": args.quick, "images": images,
-                 "rows": rows_list, "timing": "median ms per transformer forward (one guided denoising step); "
-                 "CUDA: triton.testing.do_bench, and CUDA-graph replay"},
+                 "rows": rows_list, "timing": f"ms per transformer forward (one guided denoising step): CUDA "
+                 f"events around {CALLS_PER_RUN} consecutive calls, median of {RUNS} runs; the same for "
+                 "CUDA-graph replays"},
         "variants": {},
     }
     start = time.perf_counter()
     log(f"{data['meta']['device']}, torch {data['meta']['torch']}, commit {data['meta']['commit']}: "
         f"{', '.join(variants)} at {rows_list} rows")
-    for variant in variants:
-        remaining = args.budget_s - (time.perf_counter() - start)
-        if remaining < MIN_VARIANT_S:
-            data["variants"][variant] = {"status": "skipped", "note": f"time budget {args.budget_s:.0f} s spent"}
-            log(f"{variant}: skipped, time budget spent")
-            continue
-        log(f"{variant}: starting (limit {min(remaining, args.variant_timeout_s):.0f} s)")
-        data["variants"][variant] = run_variant_process(variant, args, rows_list,
-                                                        min(remaining, args.variant_timeout_s))
-        data["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1))
+    pending = list(variants)
+    lock = threading.Lock()
+
+    def run_queue(gpu: str | None) -> None:
+        """Take variants off the shared queue, one at a time, on one GPU."""
+        while True:
+            with lock:
+                if not pending:
+                    return
+                variant = pending.pop(0)
+            remaining = args.budget_s - (time.perf_counter() - start)
+            if remaining < MIN_VARIANT_S:
+                result = {"status": "skipped", "note": f"time budget {args.budget_s:.0f} s spent"}
+                log(f"{variant}: skipped, time budget spent")
+            else:
+                log(f"{variant}: starting on GPU {gpu} (limit {min(remaining, args.variant_timeout_s):.0f} s)")
+                result = run_variant_process(variant, args, rows_list, min(remaining, args.variant_timeout_s), gpu)
+                result["gpu"] = gpu
+            with lock:
+                data["variants"][variant] = result
+                data["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(data, indent=1))
+
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    threads = [threading.Thread(target=run_queue, args=(gpu,)) for gpu in gpus]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    data["variants"] = {variant: data["variants"][variant] for variant in variants if variant in data["variants"]}
     table = markdown_table(data["variants"], rows_list)
     data["markdown_table"] = table
     data["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
