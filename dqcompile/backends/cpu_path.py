@@ -30,6 +30,8 @@ from dqcompile.quant.packing import unpack_int4
 FLOAT32_EXACT_K = 2**10
 # float32 holds every integer of magnitude up to 2^24 exactly.
 FLOAT32_EXACT_INT = 2**24
+# Sums of at most this many products (q - z) w, |q - z| <= 256 and |w| <= 128, stay within 2^24.
+FLOAT32_EXACT_CENTERED_K = 2**9
 # Rows per block of the elementwise passes: the block's float32 [rows, N] (or [rows, K]) stays within this
 # many bytes, so that a block's passes after the first find it in cache. Not smaller: every ATen call is a
 # parallel region, whose barrier costs a scheduler time slice when the cores are shared with other work.
@@ -118,24 +120,31 @@ def int_linear_rows(rows: Tensor, row_scale: Tensor, row_zero: Tensor | None, co
 
         y = 0;  y += (x_scale[:, j] w_scale[:, j]) * float(acc_j - x_zero[:, j] wsum[:, j])  for j = 0, 1, ...;  y += bias
 
-    Here: acc_j comes exact from the GEMM (float32 when the group is at most `FLOAT32_EXACT_K` long and the
-    zero-point term stays within float32's exact integers; then ``acc - z wsum`` is one correctly rounded
-    float32 subtraction of two exact integers, which is float(exact difference); else float64 or int32,
-    converted once), and the products and sums are the same float32 operations in the same order.
+    Here ``acc_j - z wsum_j`` comes exact from the GEMM: from codes with the zero point already subtracted
+    when a group is at most `FLOAT32_EXACT_CENTERED_K` long (float32 sums of (q - z) w are then exact);
+    else float32 sums of q w when the group is at most `FLOAT32_EXACT_K` long and ``z wsum`` is an exact
+    float32 integer, ``acc - z wsum`` then being one correctly rounded subtraction of two exact integers,
+    which is float(exact difference); else float64 or int32 sums, converted once. The products and sums
+    after it are the reference's float32 operations in the reference's order.
     """
     m, k = rows.shape
     n = codes_w.shape[0]
     size = k // groups
     use_int_mm = groups == 1 and int_mm_accepts(m, k, n) and int_mm_is_faster()
     exact = exact_float_dtype(size)
-    if row_zero is not None and exact == torch.float32:
-        # |z * wsum| must be an exact float32 integer too (true for codes in contract: |z| <= 128, g <= 2^10).
-        bound = int(row_zero.abs().max()) * int(w_sum.abs().max()) if m and n else 0
-        if bound > FLOAT32_EXACT_INT:
+    centered_inputs = False
+    if row_zero is not None and exact == torch.float32 and m and n:
+        zero_max = int(row_zero.abs().max())
+        if not use_int_mm and size <= FLOAT32_EXACT_CENTERED_K and zero_max <= 128:
+            # Subtract the zero point from the codes before the GEMM: |q - z| <= 256, so the sums
+            # sum_k (q - z) w are exact in float32, and they are acc - z wsum itself.
+            centered_inputs = True
+        elif zero_max * int(w_sum.abs().max()) > FLOAT32_EXACT_INT:
+            # |z * wsum| must be an exact float32 integer too (true in contract: |z| <= 128, g <= 2^10).
             exact = torch.float64
     w_exact = codes_w.to(exact) if not use_int_mm else None
     zero_exact = None if row_zero is None else row_zero.to(torch.int32 if use_int_mm else exact)
-    w_sum_exact = None if row_zero is None else w_sum.to(torch.int32 if use_int_mm else exact)
+    w_sum_exact = None if row_zero is None or centered_inputs else w_sum.to(torch.int32 if use_int_mm else exact)
 
     y = torch.empty((m, n), dtype=torch.float32)
     if groups == 1:
@@ -143,11 +152,13 @@ def int_linear_rows(rows: Tensor, row_scale: Tensor, row_zero: Tensor | None, co
         # float32 holds its sums and the zero-point term exactly, else converted into y once.
         if use_int_mm:
             acc = torch._int_mm(rows, codes_w.t())
+        elif centered_inputs:
+            acc = torch.mm(rows.to(exact).sub_(zero_exact[:, :1]), w_exact.t(), out=y)
         elif exact == torch.float32:
             acc = torch.mm(rows.to(exact), w_exact.t(), out=y)
         else:
             acc = torch.mm(rows.to(exact), w_exact.t())
-        if zero_exact is not None:
+        if w_sum_exact is not None:
             acc.addr_(zero_exact[:, 0], w_sum_exact[:, 0], alpha=-1)
         if acc is not y:
             y.copy_(acc)  # the one rounding of float(acc - z wsum), as the reference's .float()
@@ -165,10 +176,12 @@ def int_linear_rows(rows: Tensor, row_scale: Tensor, row_zero: Tensor | None, co
     y.zero_()
     # [G, M, g] x [G, g, N] -> [G, M, N]: every group's exact sums in one batched GEMM.
     a = rows.view(m, groups, size).transpose(0, 1).to(exact)
+    if centered_inputs:
+        a.sub_(zero_exact.t().unsqueeze(-1))
     acc = torch.bmm(a, w_exact.view(n, groups, size).permute(1, 2, 0))
     for j in range(groups):
         term = acc[j]
-        if zero_exact is not None:
+        if w_sum_exact is not None:
             term.addr_(zero_exact[:, j], w_sum_exact[:, j], alpha=-1)
         if exact != torch.float32:
             term = term.float()
