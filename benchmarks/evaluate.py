@@ -183,6 +183,10 @@ ROW_SETS: dict[str, tuple[str, list[Row]]] = {
     "steps-cpu": ("the step-count check small enough for a CPU: DDIM 20 and 50, clip_sample off and on",
                   _step_rows((False, True), (("ddim", 20), ("ddim", 50)))),
 }
+# Issue 16's method tables (fair baselines, torchao, the recommended-preset candidates): method_tables.py.
+import method_tables  # noqa: E402
+
+ROW_SETS.update(method_tables.row_sets(row))
 
 
 def _parse_value(text: str) -> Any:
@@ -214,7 +218,7 @@ def parse_spec(text: str, schedule: dict[str, Any] | None = None) -> QuantSpec |
 
     Method options that name the noise schedule (TQ-DiT's beta_schedule, num_train_timesteps, for its
     denoising loss) get the model's training schedule, unless the overrides set them."""
-    if text == "fp":
+    if text in ("fp", method_tables.TORCHAO_SPEC):  # the float model, or torchao's (run_row makes it)
         return None
     preset, _, overrides = text.partition(":")
     spec = QuantSpec.resolve(preset)
@@ -411,6 +415,10 @@ class Evaluation:
         result: dict[str, Any] = {**row.to_dict(), "sampler_settings": settings, "seeds": []}
         spec = parse_spec(row.spec, self.schedule)
         model = None
+        if row.spec == method_tables.TORCHAO_SPEC:
+            model, result["note"] = method_tables.torchao_model(self.model)
+            if model is None:
+                return {**result, "skipped": result["note"]}
         if spec is not None:
             calibration = None
             if spec.needs_calibration:
@@ -428,6 +436,12 @@ class Evaluation:
             if report is not None:
                 result["linear_weight_mib"] = {"fp": report.float_weight_bytes / 2**20,
                                                "quantized": report.quantized_weight_bytes / 2**20}
+            result["plan_summary"] = qmodel.plan.summary
+            if self.args.attribution:
+                inputs, _ = self.calibration(Row(row.label, row.spec, row.sampler), settings)
+                result["attribution"] = method_tables.attribution(
+                    self.model, qmodel, method_tables.attribution_inputs(inputs, self.args.attribution))
+                print(f"{row.label}: {method_tables.attribution_line(result['attribution'])}", flush=True)
             model = torch.compile(qmodel, backend="dqcompile") if self.args.compile else qmodel
         for seed in self.args.seeds:
             entry: dict[str, Any] = {"seed": seed}
@@ -495,9 +509,9 @@ def markdown(output: dict[str, Any]) -> str:
             cells.append(cell)
         cells += [f"{r['images_per_second']:.3g}", f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    skipped = [r["label"] for r in output["rows"] if r.get("skipped")]
+    skipped = [f"{r['label']} ({r['skipped']})" for r in output["rows"] if r.get("skipped")]
     if skipped:
-        lines += ["", f"Skipped (time budget): {', '.join(skipped)}"]
+        lines += ["", f"Skipped: {'; '.join(skipped)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -540,6 +554,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--baseline", help="the row others are compared with (default: the first)")
     parser.add_argument("--budget-seconds", type=float, help="start no row after this many seconds")
+    parser.add_argument("--attribution", type=int, default=0, metavar="CALLS",
+                        help="quantized rows: per-layer SQNR split into weight and activation error on this many "
+                             "calibration calls, into the JSON (method_tables.attribution; default 0: off)")
     parser.add_argument("--out", type=Path, help="JSON results (a markdown table is written beside it)")
     args = parser.parse_args(argv)
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -597,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output["rows"].append(result)
         output["total_seconds"] = time.perf_counter() - started
         args.out.write_text(json.dumps(output, indent=2, default=str))
+        if result.get("skipped"):
+            print(f"skipped {r.label}: {result['skipped']}", flush=True)
+            continue
         summary = ", ".join(f"{key} {stat['mean']:.4g}" + (f" +- {stat['std']:.2g}" if "std" in stat else "")
                             for key, stat in result["stats"].items() if key in TABLE_METRICS)
         print(f"{r.label}: {summary}; {result['images_per_second']:.3g} img/s; row {seconds:.0f} s, "

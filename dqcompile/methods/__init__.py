@@ -95,3 +95,4 @@ register_method(Method(name="rtn", description="round to nearest"))
 
 # The built-in methods register themselves (and their presets) on import.
 from dqcompile.methods import rtn, qdit, ptq4dit, tqdit  # noqa: E402,F401
+from dqcompile.methods import auto  # noqa: E402,F401  (recommended presets: candidates, built on the others)

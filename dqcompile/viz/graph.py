@@ -100,6 +100,8 @@ class LayerInfo:
     calls: int
     note: str = ""
     sqnr_db: float | None = None
+    weight_sqnr_db: float | None = None  # the attribution split (dqcompile.viz.errors), when measured
+    activation_sqnr_db: float | None = None
 
 
 @dataclass
@@ -145,7 +147,8 @@ class GraphView:
             "nodes": [[n.name, n.op, n.module, n.layer, n.inputs] for n in self.nodes],
             "layers": [
                 [l.name, l.module, l.precision, list(l.shape), l.calls, l.note, _finite_or_text(l.sqnr_db),
-                 heat_color(l.sqnr_db) if l.sqnr_db is not None else None]
+                 heat_color(l.sqnr_db) if l.sqnr_db is not None else None, _finite_or_text(l.weight_sqnr_db),
+                 _finite_or_text(l.activation_sqnr_db)]
                 for l in self.layers
             ],
             "precisions": [[p.label, p.weights, p.activations, p.color] for p in self.precisions],
@@ -366,6 +369,9 @@ def _attach_errors(view: GraphView, errors: list[LayerError]) -> None:
             raise ValueError(f"layer error for {error.name}: the graph has no such layer")
         if error.measured:
             by_name[error.name].sqnr_db = error.sqnr_db
+            if getattr(error, "weight_noise", None) is not None:
+                by_name[error.name].weight_sqnr_db = error.weight_sqnr_db
+                by_name[error.name].activation_sqnr_db = error.activation_sqnr_db
         if error.note:
             layer = by_name[error.name]
             layer.note = "; ".join(part for part in (layer.note, error.note) if part)

@@ -77,6 +77,8 @@ def _layer_table(view: GraphView) -> str:
         layers.sort(key=lambda l: (l.sqnr_db is None, l.sqnr_db if l.sqnr_db is not None else 0.0))
     head = "<tr><th>layer</th><th>shape</th><th>precision</th>"
     head += f"<th>SQNR dB ({escape(view.error_mode)})</th>" if view.error_mode else ""
+    split = any(layer.weight_sqnr_db is not None for layer in layers)
+    head += "<th>weights alone dB</th><th>activations alone dB</th>" if split else ""
     head += "<th>calls</th><th>note</th></tr>"
     rows = []
     for layer in layers:
@@ -86,6 +88,8 @@ def _layer_table(view: GraphView) -> str:
             f'<td class="num">{layer.shape[0]}x{layer.shape[1]}</td>'
             f'<td><span class="swatch p{layer.precision}" style="background:{precision.color}"></span> {escape(precision.label)}</td>'
             + (f'<td class="num">{_db(layer.sqnr_db)}</td>' if view.error_mode else "")
+            + (f'<td class="num">{_db(layer.weight_sqnr_db)}</td><td class="num">{_db(layer.activation_sqnr_db)}</td>'
+               if split else "")
             + f'<td class="num">{layer.calls}</td><td>{escape(layer.note)}</td></tr>'
         )
     return '<table id="layer-table">' + head + "".join(rows) + "</table>"

@@ -68,8 +68,9 @@ const NODE_H = 24, BOX_H = 38, HEAD_H = 22, PAD = 10, GAP_X = 14, GAP_Y = 26, CH
 
 const modules = D.modules.map(([path, cls, parent], id) => ({id, path, cls, parent, children: [], direct: [], nodes: []}));
 const nodes = D.nodes.map(([name, op, module, layer, inputs], id) => ({id, name, op, module, layer, inputs, users: []}));
-const layers = D.layers.map(([name, module, precision, shape, calls, note, sqnr, heat]) =>
-  ({name, module, precision, shape, calls, note, sqnr: sqnr === "inf" ? Infinity : sqnr === "-inf" ? -Infinity : sqnr, heat, node: -1}));
+const dbValue = v => v === "inf" ? Infinity : v === "-inf" ? -Infinity : v;
+const layers = D.layers.map(([name, module, precision, shape, calls, note, sqnr, heat, wSqnr, aSqnr]) =>
+  ({name, module, precision, shape, calls, note, sqnr: dbValue(sqnr), heat, wSqnr: dbValue(wSqnr ?? null), aSqnr: dbValue(aSqnr ?? null), node: -1}));
 const precisions = D.precisions.map(([label, weights, activations, color]) => ({label, weights, activations, color}));
 
 for (const m of modules) if (m.parent >= 0) modules[m.parent].children.push(m.id);
@@ -375,6 +376,8 @@ function layerRows(l, add) {
   add("layer", layer.name); add("precision", precisions[layer.precision].label);
   add("shape", layer.shape[0] + " x " + layer.shape[1]); add("calls", layer.calls);
   if (layer.sqnr !== null) add("SQNR (" + D.error_mode + ")", fmtDb(layer.sqnr));
+  if (layer.wSqnr !== null) add("weights alone", fmtDb(layer.wSqnr));
+  if (layer.aSqnr !== null) add("activations alone", fmtDb(layer.aSqnr));
   if (layer.note) add("note", layer.note);
   for (const p of pairs) {
     const note = p.note ? " (" + p.note + ")" : "";

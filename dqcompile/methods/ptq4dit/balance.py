@@ -92,11 +92,12 @@ def find_balance_pairs(gm: GraphModule, ctx: PassContext) -> None:
     """Needs: plan_layers. Guarantees: ctx.annotations[PAIRS] lists the pairs to balance: every
     AdaLNPair with a quantized consumer, and (options.balance_out_proj) every AttentionPair with a
     quantized output projection; their balanced layers are in ctx.observe, so that calibration
-    records their inputs per timestep. The graph is not changed.
+    records their inputs per timestep. With options.balance False, no pair (nothing is balanced).
+    The graph is not changed.
     """
     chosen: list[BalancePair] = []
     layers = ctx.plan.layers
-    for pair in pairs_in_graph(gm):
+    for pair in pairs_in_graph(gm) if ctx.spec.options.balance else ():
         if isinstance(pair, AttentionPair) and not ctx.spec.options.balance_out_proj:
             continue
         balanced = balanced_layers(pair)

@@ -1,0 +1,224 @@
+"""The method tables of issue 16 for benchmarks/evaluate.py: row sets with fair baselines, the torchao row,
+and per-layer attribution.
+
+Every method table carries three baselines beside the method's rows:
+- RTN in the method's own activation mode: static per tensor for PTQ4DiT and TQ-DiT; for Q-DiT its
+  preset's dynamic group activations (per token and group of 128, fitted to the layer) and, for the
+  paper's per-sample mode, dynamic per sample and group, with round-to-nearest weights in the same
+  groups (the method's own contribution is then the clip search, GPTQ or the searched group sizes);
+- RTN with dynamic per-token activations (the project's default presets);
+- torchao's Int8DynamicActivationInt8Weight on the same linears (w8a8 rows only; skipped with a note
+  when torchao is not installed).
+
+Row sets (registered in evaluate.ROW_SETS): ptq4dit-fair, qdit-fair, tqdit-fair, auto (the recommended
+preset candidates, dqcompile/methods/auto), and their "-w8a8" / "-w4a8" / "-w6a6" slices, so that one GPU
+call can run the slices in priority order under its time budget (benchmarks/gpu_methods.sh).
+
+Attribution (`evaluate.py --attribution N`): each quantized row also gets the per-layer SQNR of its
+quantized linears on N calibration calls of the row's sampler (isolated mode: each layer on the float
+model's inputs), split into the weight part and the activation part (dqcompile.viz.errors), in the JSON
+under "attribution": the per-layer entries and a summary (mean SQNRs, the worst layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+TORCHAO_SPEC = "torchao-int8dyn"
+TORCHAO_NOTE = ("torchao is not installed: the torchao Int8DynamicActivationInt8Weight row is skipped "
+                "(pip install torchao on the machine that runs the table)")
+# Calibration of the static rows: as the driver's defaults (25 timesteps x 32 images of the row's sampler).
+TQDIT_CALIBRATION = {"timesteps": "all", "per_timestep": 32}
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """The nn.Linear modules that dqcompile's default spec quantizes (the same layers for torchao)."""
+    from dqcompile.spec import QuantSpec
+
+    spec = QuantSpec.from_preset("w8a8")
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and spec.keep_float_reason(name) is None]
+
+
+def torchao_model(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """A copy of `model` with torchao's Int8DynamicActivationInt8Weight on the linears dqcompile
+    quantizes, and a note; (None, why) when torchao is missing or refuses."""
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        return None, TORCHAO_NOTE
+    layers = set(quantized_layer_names(model))
+    config = (tq.Int8DynamicActivationInt8WeightConfig() if hasattr(tq, "Int8DynamicActivationInt8WeightConfig")
+              else tq.int8_dynamic_activation_int8_weight())
+    quantized = copy.deepcopy(model)
+    try:
+        tq.quantize_(quantized, config, filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn in layers)
+    except Exception as error:  # noqa: BLE001 (any torchao failure is a skipped row, not a failed table)
+        return None, f"torchao failed: {type(error).__name__}: {error}"
+    import torchao
+
+    return quantized, f"torchao {torchao.__version__} Int8DynamicActivationInt8Weight on {len(layers)} linears"
+
+
+# ------------------------------------------------------------------------------------------ attribution
+
+def attribution(fp_model: nn.Module, qmodel: Any, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer SQNR (isolated), split into weight and activation parts, and a summary, as JSON."""
+    from dqcompile.viz import layer_errors
+
+    errors = layer_errors(fp_model, qmodel, inputs, mode="isolated", progress=False)
+    measured = [e for e in errors if e.measured]
+
+    def mean_db(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return statistics.fmean(finite) if finite else None
+
+    def aggregate(noise: Callable[[Any], float | None]) -> float | None:
+        total = sum(noise(e) or 0.0 for e in measured)
+        signal = sum(e.signal for e in measured)
+        return 10 * math.log10(signal / total) if total > 0 and signal > 0 else None
+
+    worst = sorted(measured, key=lambda e: e.sqnr_db)[:5]
+    summary = {
+        "layers": len(errors), "measured": len(measured), "calls": len(inputs),
+        "mean_sqnr_db": mean_db([e.sqnr_db for e in measured]),
+        "mean_weight_sqnr_db": mean_db([e.weight_sqnr_db for e in measured]),
+        "mean_activation_sqnr_db": mean_db([e.activation_sqnr_db for e in measured]),
+        "total_sqnr_db": aggregate(lambda e: e.noise),
+        "total_weight_sqnr_db": aggregate(lambda e: e.weight_noise),
+        "total_activation_sqnr_db": aggregate(lambda e: e.activation_noise),
+        "worst": [{"layer": e.name, "sqnr_db": e.sqnr_db, "weight_sqnr_db": e.weight_sqnr_db,
+                   "activation_sqnr_db": e.activation_sqnr_db} for e in worst],
+        "dominant": ("weights" if sum(e.weight_noise or 0 for e in measured) > sum(e.activation_noise or 0 for e in measured)
+                     else "activations"),
+    }
+    return {"summary": summary, "layers": [e.to_dict() for e in errors]}
+
+
+def attribution_line(result: dict[str, Any]) -> str:
+    """One log line of a row's attribution summary."""
+    s = result["summary"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
+    worst = s["worst"][0]["layer"] if s["worst"] else "-"
+    return (f"attribution: total SQNR {fmt(s['total_sqnr_db'])} dB (weights {fmt(s['total_weight_sqnr_db'])}, "
+            f"activations {fmt(s['total_activation_sqnr_db'])}); {s['dominant']} dominate; worst layer {worst}")
+
+
+# ------------------------------------------------------------------------------------------ row sets
+
+def _recon(preset: str) -> str:
+    return f"{preset}:options.reconstruction.enabled=true"
+
+
+def ptq4dit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8")) -> list[Any]:
+    """PTQ4DiT against RTN in its activation mode (static per tensor), RTN dynamic per token and torchao."""
+    rows = [row("fp")]
+    for width in widths:
+        rows += [row(f"RTN {width} static", f"{width}:activations.mode=static_tensor"),
+                 row(f"RTN {width} dynamic", width)]
+        if width == "w8a8":
+            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        rows += [row(f"CSB+SSC {width}", f"ptq4dit-{width}"),
+                 row(f"CSB+SSC+recon {width}", _recon(f"ptq4dit-{width}")),
+                 row(f"CSB+SSC {width} dynamic", f"ptq4dit-{width}-dyn"),
+                 row(f"CSB+SSC+recon {width} dynamic", _recon(f"ptq4dit-{width}-dyn"))]
+    return rows
+
+
+def qdit_rows(row: Callable[..., Any], bits: tuple[int, ...] = (4, 6)) -> list[Any]:
+    """Q-DiT against RTN in its activation modes (the preset's dynamic per token and group; the paper's
+    dynamic per sample and group), RTN dynamic per token and, at 8 bits, torchao."""
+    rows = [row("fp")]
+    rtn_groups = "weights.clip_search=false"
+    for b in bits:
+        preset = f"qdit-w{b}a8"
+        per_sample = "activations.mode=dynamic_sample_group"
+        rows += [row(f"RTN w{b}a8 dynamic", "w4a8" if b == 4 else f"w8a8:weights.bits={b}"),
+                 row(f"RTN w{b}a8 group dynamic", f"{preset}:{rtn_groups}"),
+                 row(f"Q-DiT w{b}a8", preset),
+                 row(f"Q-DiT w{b}a8 gptq", f"{preset}:weights.rounding=gptq"),
+                 row(f"RTN w{b}a8 group per-sample", f"{preset}:{rtn_groups},{per_sample}"),
+                 row(f"Q-DiT w{b}a8 per-sample", f"{preset}:{per_sample}")]
+    return rows
+
+
+def tqdit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w6a6")) -> list[Any]:
+    """TQ-DiT's full pipeline (MRQ + TGQ + HO) against RTN static, RTN dynamic per token and torchao."""
+    rows = [row("fp")]
+    for width in widths:
+        rows += [row(f"RTN {width} static", f"{width}:activations.mode=static_tensor"),
+                 row(f"RTN {width} dynamic", width)]
+        if width == "w8a8":
+            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        rows.append(row(f"TQ-DiT {width}", f"tqdit-{width}:options.hessian_rows=2048", calibration=TQDIT_CALIBRATION))
+    return rows
+
+
+def auto_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8", "w6a6")) -> list[Any]:
+    """The recommended-preset candidates of each width against RTN dynamic per token and torchao."""
+    from dqcompile.methods.auto import CANDIDATES, RECOMMENDED
+
+    rows = [row("fp")]
+    for width in widths:
+        rows.append(row(f"RTN {width} dynamic", width))
+        if width == "w8a8":
+            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        picked = RECOMMENDED[f"auto-{width}"]
+        for name in CANDIDATES:
+            if name.startswith(f"auto-{width}-"):
+                rows.append(row(name + (" (auto)" if name == picked else ""), name))
+    return rows
+
+
+def priority_rows(row: Callable[..., Any]) -> list[Any]:
+    """Every row of the tables above once, in the order one time-limited GPU call should run them: the
+    candidates that decide the recommended presets first (w4a8, where the methods have the most to win,
+    then w8a8 and w6a6), then the method tables (PTQ4DiT w4a8, TQ-DiT w6a6, Q-DiT w4a8, the rest)."""
+    ordered = (auto_rows(row, ("w4a8",)) + auto_rows(row, ("w8a8",)) + auto_rows(row, ("w6a6",))
+               + ptq4dit_rows(row, ("w4a8",)) + tqdit_rows(row, ("w6a6",)) + qdit_rows(row, (4,))
+               + ptq4dit_rows(row, ("w8a8",)) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
+    seen: dict[str, Any] = {}
+    for entry in ordered:
+        if entry.label in seen and seen[entry.label].spec != entry.spec:
+            raise ValueError(f"row label {entry.label!r} names two specs: {seen[entry.label].spec!r}, {entry.spec!r}")
+        seen.setdefault(entry.label, entry)
+    return list(seen.values())
+
+
+def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
+    """The row sets this module adds to evaluate.ROW_SETS."""
+    sets = {
+        "methods": ("every row of auto, ptq4dit-fair, tqdit-fair and qdit-fair once, in the priority order of one "
+                    "time-limited GPU call (benchmarks/gpu_methods.sh)", priority_rows(row)),
+        "ptq4dit-fair": ("PTQ4DiT (CSB+SSC, + block reconstruction; static and dynamic) against RTN static, RTN "
+                         "dynamic per token and torchao", ptq4dit_rows(row)),
+        "qdit-fair": ("Q-DiT (groups, clip search, GPTQ; per token and per sample) against RTN in the same "
+                      "activation modes and RTN dynamic per token", qdit_rows(row)),
+        "tqdit-fair": ("TQ-DiT (MRQ + TGQ + HO) against RTN static, RTN dynamic per token and torchao", tqdit_rows(row)),
+        "auto": ("the recommended-preset candidates per width against RTN dynamic per token and torchao",
+                 auto_rows(row)),
+    }
+    for width in ("w8a8", "w4a8", "w6a6"):
+        sets[f"auto-{width}"] = (f"the {width} candidates", auto_rows(row, (width,)))
+    for width in ("w8a8", "w4a8"):
+        sets[f"ptq4dit-fair-{width}"] = (f"ptq4dit-fair at {width}", ptq4dit_rows(row, (width,)))
+    for width in ("w8a8", "w6a6"):
+        sets[f"tqdit-fair-{width}"] = (f"tqdit-fair at {width}", tqdit_rows(row, (width,)))
+    for b in (4, 6):
+        sets[f"qdit-fair-w{b}a8"] = (f"qdit-fair at w{b}a8", qdit_rows(row, (b,)))
+    return sets
+
+
+def attribution_inputs(calibration: Any, calls: int) -> list[dict[str, Any]]:
+    """`calls` calibration calls spread over the set (first and last included)."""
+    batches = list(calibration)
+    if calls >= len(batches):
+        return batches
+    picks = sorted({round(i * (len(batches) - 1) / max(calls - 1, 1)) for i in range(calls)})
+    return [batches[i] for i in picks]

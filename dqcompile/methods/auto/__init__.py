@@ -1,0 +1,82 @@
+"""Recommended presets per bit-width: `auto-w8a8`, `auto-w4a8`, `auto-w6a6` (issue 16).
+
+CANDIDATES. Every preset here is a candidate until the GPU evaluation (benchmarks/evaluate.py, row set
+"auto", on the embedded and the benchmark models) has measured it against round to nearest with
+dynamic per-token activations and torchao; the lead fixes `auto-w*` from that evidence
+(docs/methods_quality.md). Until then each `auto-w*` name points at the candidate the CPU
+measurements favour (docs/methods_quality.md, "CPU evidence"), and the `auto-w*-<pieces>` names are
+the alternatives the GPU run compares.
+
+What a candidate combines, all on the kernels' fast path (per-channel weights, dynamic per-token
+activations; one candidate per width adds weight groups of 128, which the Triton GEMM also runs):
+- rounding: round to nearest, GPTQ (weights.rounding="gptq"), or PTQ4DiT's block reconstruction
+  (AdaRound over each transformer block's output);
+- balancing: PTQ4DiT's channel-wise salience balancing (CSB + SSC) folded into the weights, which
+  moves activation outliers into the weights: worth it where the activations dominate the error
+  (6-bit activations), a loss where 4-bit weights do (docs/ptq4dit.md);
+- no static or time-grouped activations: dynamic per-token activations need no calibration of their
+  ranges and are what the kernels fuse (quantize in the LayerNorm / GELU epilogue).
+"""
+
+from __future__ import annotations
+
+from dqcompile.methods import register_preset
+from dqcompile.methods.ptq4dit import PTQ4DiTOptions, ReconstructionOptions
+from dqcompile.spec import ActivationSpec, QuantSpec, WeightSpec
+
+# The piece names a candidate's name is made of, and what each means.
+PIECES = {
+    "rtn": "round-to-nearest weights",
+    "gptq": "GPTQ weight rounding (calibration Hessians)",
+    "recon": "PTQ4DiT block reconstruction (AdaRound, block output matching)",
+    "csb": "PTQ4DiT salience balancing (CSB + SSC), folded into the weights",
+    "g128": "weight groups of 128 input channels (fitted where 128 does not divide a layer)",
+}
+
+
+def candidate(name: str, w_bits: int, a_bits: int, *, rounding: str = "rtn", balance: bool = False,
+              group_size: int = 0) -> QuantSpec:
+    """A candidate spec: per-channel (or grouped) symmetric weights, dynamic per-token activations,
+    `rounding` one of "rtn", "gptq", "recon", with or without PTQ4DiT's balancing."""
+    weights = WeightSpec(bits=w_bits, group_size=group_size, rounding="gptq" if rounding == "gptq" else "rtn")
+    activations = ActivationSpec(bits=a_bits, mode="dynamic_token")
+    common = dict(weights=weights, activations=activations, fit_group_sizes=bool(group_size), name=name)
+    if not balance and rounding != "recon":
+        return QuantSpec(**common)
+    options = PTQ4DiTOptions(balance=balance, reconstruction=ReconstructionOptions(enabled=rounding == "recon"))
+    return QuantSpec(**common, method="ptq4dit", options=options)
+
+
+# (name, weight bits, activation bits, rounding, balance, group size)
+CANDIDATE_TABLE: tuple[tuple[str, int, int, str, bool, int], ...] = (
+    ("auto-w8a8-gptq", 8, 8, "gptq", False, 0),
+    ("auto-w8a8-csb", 8, 8, "rtn", True, 0),
+    ("auto-w8a8-recon", 8, 8, "recon", False, 0),
+    ("auto-w4a8-gptq", 4, 8, "gptq", False, 0),
+    ("auto-w4a8-recon", 4, 8, "recon", False, 0),
+    ("auto-w4a8-csb-recon", 4, 8, "recon", True, 0),
+    ("auto-w4a8-g128-gptq", 4, 8, "gptq", False, 128),
+    ("auto-w6a6-gptq", 6, 6, "gptq", False, 0),
+    ("auto-w6a6-csb-gptq", 6, 6, "gptq", True, 0),
+    ("auto-w6a6-recon", 6, 6, "recon", False, 0),
+    ("auto-w6a6-csb-recon", 6, 6, "recon", True, 0),
+)
+
+CANDIDATES: dict[str, QuantSpec] = {
+    name: candidate(name, w, a, rounding=rounding, balance=balance, group_size=group)
+    for name, w, a, rounding, balance, group in CANDIDATE_TABLE
+}
+
+# The current pick per width (a candidate's definition under the short name), until the GPU run decides.
+RECOMMENDED: dict[str, str] = {
+    "auto-w8a8": "auto-w8a8-gptq",
+    "auto-w4a8": "auto-w4a8-recon",
+    "auto-w6a6": "auto-w6a6-csb-gptq",
+}
+
+for _spec in CANDIDATES.values():
+    register_preset(_spec)
+for _name, _source in RECOMMENDED.items():
+    register_preset(CANDIDATES[_source].replace(name=_name))
+
+__all__ = ["CANDIDATES", "CANDIDATE_TABLE", "PIECES", "RECOMMENDED", "candidate"]

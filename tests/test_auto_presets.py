@@ -1,0 +1,73 @@
+"""The recommended presets (dqcompile/methods/auto): registered, valid, on the kernels' fast path, and each
+candidate a spec the driver's row set names."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dqcompile
+from dqcompile import QuantSpec
+from dqcompile.methods.auto import CANDIDATES, PIECES, RECOMMENDED
+from tiny_models import dit_inputs, rel_l2, tiny_dit
+
+WIDTHS = {"w8a8": (8, 8), "w4a8": (4, 8), "w6a6": (6, 6)}
+
+
+def test_every_width_has_a_recommended_preset_and_candidates():
+    presets = set(dqcompile.presets())
+    for width, (w_bits, a_bits) in WIDTHS.items():
+        name = f"auto-{width}"
+        assert name in presets
+        spec = QuantSpec.from_preset(name)
+        assert spec == CANDIDATES[RECOMMENDED[name]].replace(name=name)
+        candidates = [c for c in CANDIDATES if c.startswith(name + "-")]
+        assert len(candidates) >= 3, width
+        for candidate in candidates:
+            spec = QuantSpec.from_preset(candidate)
+            assert set(candidate.removeprefix(name + "-").split("-")) <= set(PIECES), candidate
+            assert (spec.weights.bits, spec.activations.bits) == (w_bits, a_bits)
+            # The fast path: dynamic per-token activations; per-channel weights unless the name says groups.
+            assert spec.activations.mode == "dynamic_token", candidate
+            assert spec.weights.group_size == (128 if "g128" in candidate else 0), candidate
+            assert ("gptq" in candidate) == (spec.weights.rounding == "gptq"), candidate
+            recon = spec.method == "ptq4dit" and spec.options.reconstruction.enabled
+            assert ("recon" in candidate) == recon, candidate
+            assert ("csb" in candidate) == (spec.method == "ptq4dit" and spec.options.balance), candidate
+            assert QuantSpec.from_dict(spec.to_dict()) == spec
+            assert spec.needs_calibration  # GPTQ, reconstruction and balancing all calibrate
+
+
+def test_candidates_are_marked_as_candidates():
+    import dqcompile.methods.auto as auto
+
+    assert "CANDIDATES" in auto.__doc__ and "candidate" in auto.__doc__.lower()
+
+
+def test_the_driver_row_set_evaluates_every_candidate_against_the_baselines():
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    spec = importlib.util.spec_from_file_location("evaluate_auto", benchmarks / "evaluate.py")
+    driver = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = driver
+    spec.loader.exec_module(driver)
+    rows = driver.select_rows(["auto"], [])
+    specs = {row.spec for row in rows}
+    assert set(CANDIDATES) <= specs and {"fp", "w8a8", "w4a8", "w6a6", "torchao-int8dyn"} <= specs
+    assert [row.label for row in rows if row.label.endswith("(auto)")] == [f"{RECOMMENDED[f'auto-{w}']} (auto)"
+                                                                          for w in WIDTHS]
+    for row in rows:
+        driver.parse_spec(row.spec)
+
+
+@pytest.mark.parametrize("name", ["auto-w8a8", "auto-w6a6"])
+def test_a_recommended_preset_quantizes(name):
+    model = tiny_dit()
+    calibration = [dit_inputs(batch=2, seed=seed) for seed in range(3)]
+    qmodel = dqcompile.quantize(model, name, calibration=calibration, progress=False)
+    inputs = dit_inputs(batch=3, seed=9)
+    with torch.no_grad():
+        assert rel_l2(qmodel(**inputs).sample, model(**inputs).sample) < 0.05
+    assert qmodel.report.quantized_count == 12
