@@ -11,8 +11,8 @@ Every method table carries three baselines beside the method's rows:
   when torchao is not installed).
 
 Row sets (registered in evaluate.ROW_SETS): ptq4dit-fair, qdit-fair, tqdit-fair, auto (the recommended
-preset candidates, dqcompile/methods/auto), and their "-w8a8" / "-w4a8" / "-w6a6" slices, so that one GPU
-call can run the slices in priority order under its time budget (benchmarks/gpu_methods.sh).
+preset candidates, dqcompile/methods/auto), and their "-w8a8" / "-w4a8" / "-w6a6" slices, and tiers in the
+order time-limited GPU calls should run them (methods-1, -2, -3; `tiers`; benchmarks/gpu_methods.sh).
 
 Attribution (`evaluate.py --attribution N`): each quantized row also gets the per-layer SQNR of its
 quantized linears on N calibration calls of the row's sampler (isolated mode: each layer on the float
@@ -176,26 +176,65 @@ def auto_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8"
     return rows
 
 
-def priority_rows(row: Callable[..., Any]) -> list[Any]:
-    """Every row of the tables above once, in the order one time-limited GPU call should run them: the
-    candidates that decide the recommended presets first (w4a8, where the methods have the most to win,
-    then w8a8 and w6a6), then the method tables (PTQ4DiT w4a8, TQ-DiT w6a6, Q-DiT w4a8, the rest)."""
-    ordered = (auto_rows(row, ("w4a8",)) + auto_rows(row, ("w8a8",)) + auto_rows(row, ("w6a6",))
-               + ptq4dit_rows(row, ("w4a8",)) + tqdit_rows(row, ("w6a6",)) + qdit_rows(row, (4,))
-               + ptq4dit_rows(row, ("w8a8",)) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
+def _unique(rows: list[Any]) -> list[Any]:
+    """Each label once (the first), refusing a label that names two specs."""
     seen: dict[str, Any] = {}
-    for entry in ordered:
+    for entry in rows:
         if entry.label in seen and seen[entry.label].spec != entry.spec:
             raise ValueError(f"row label {entry.label!r} names two specs: {seen[entry.label].spec!r}, {entry.spec!r}")
         seen.setdefault(entry.label, entry)
     return list(seen.values())
 
 
+def tiers(row: Callable[..., Any]) -> dict[str, list[Any]]:
+    """The tables in the order time-limited GPU calls should run them (each tier starts with the float
+    row and has every label once):
+    methods-1: the recommended-preset candidates (w4a8, where the methods have the most to win, then
+        w6a6, then w8a8, whose RTN is already near float) against RTN dynamic per token and torchao;
+    methods-2: PTQ4DiT at w4a8, TQ-DiT at w6a6, Q-DiT at w4a8, with their baselines;
+    methods-3: PTQ4DiT and TQ-DiT at w8a8, Q-DiT at w6a8;
+    auto-final: the three recommended presets against the baselines, for the confirming run at 5,000+.
+    """
+    from dqcompile.methods.auto import RECOMMENDED
+
+    first = _unique(auto_rows(row, ("w4a8",)) + auto_rows(row, ("w6a6",)) + auto_rows(row, ("w8a8",)))
+    second = _unique(ptq4dit_rows(row, ("w4a8",)) + tqdit_rows(row, ("w6a6",)) + qdit_rows(row, (4,)))
+    third = _unique(ptq4dit_rows(row, ("w8a8",)) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
+    final = [row("fp")]
+    for width in ("w8a8", "w4a8", "w6a6"):
+        final.append(row(f"RTN {width} dynamic", width))
+        if width == "w8a8":
+            final.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        final.append(row(f"auto-{width}", f"auto-{width}"))
+    tables = {"methods-1": first, "methods-2": second, "methods-3": third, "auto-final": final}
+    tables["methods"] = _unique(first + second + third)
+    assert len(RECOMMENDED) == 3
+    return tables
+
+
+def smoke_rows(row: Callable[..., Any]) -> list[Any]:
+    short = "options.reconstruction.iterations=5,options.reconstruction.batch_size=4"
+    return [row("fp"), row("RTN w4a8 dynamic", "w4a8"), row("torchao int8 dynamic", TORCHAO_SPEC),
+            row("auto-w4a8-recon (5 iterations)", f"auto-w4a8-recon:{short}"),
+            row("CSB+SSC+recon w4a8 (5 iterations)", f"ptq4dit-w4a8:options.reconstruction.enabled=true,{short}"),
+            row("auto-w6a6-csb-gptq", "auto-w6a6-csb-gptq"), row("Q-DiT w4a8", "qdit-w4a8"),
+            row("TQ-DiT w6a6 (no HO)", "tqdit-w6a6:options.hessian=false")]
+
+
 def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
     """The row sets this module adds to evaluate.ROW_SETS."""
+    ordered = tiers(row)
     sets = {
-        "methods": ("every row of auto, ptq4dit-fair, tqdit-fair and qdit-fair once, in the priority order of one "
-                    "time-limited GPU call (benchmarks/gpu_methods.sh)", priority_rows(row)),
+        "methods": ("every row of auto, ptq4dit-fair, tqdit-fair and qdit-fair once, in the order of methods-1, -2, -3",
+                    ordered["methods"]),
+        "methods-1": ("the recommended-preset candidates, w4a8 then w6a6 then w8a8, against RTN dynamic and torchao "
+                      "(benchmarks/gpu_methods.sh's first tier)", ordered["methods-1"]),
+        "methods-2": ("PTQ4DiT w4a8, TQ-DiT w6a6, Q-DiT w4a8 with their baselines", ordered["methods-2"]),
+        "methods-3": ("PTQ4DiT and TQ-DiT w8a8, Q-DiT w6a8 with their baselines", ordered["methods-3"]),
+        "auto-final": ("auto-w8a8, auto-w4a8, auto-w6a6 against RTN dynamic and torchao (the confirming run)",
+                       ordered["auto-final"]),
+        "methods-smoke": ("one row of each kind, reconstruction at 5 iterations and TQ-DiT without HO: a CPU dry "
+                          "run of benchmarks/gpu_methods.sh", smoke_rows(row)),
         "ptq4dit-fair": ("PTQ4DiT (CSB+SSC, + block reconstruction; static and dynamic) against RTN static, RTN "
                          "dynamic per token and torchao", ptq4dit_rows(row)),
         "qdit-fair": ("Q-DiT (groups, clip search, GPTQ; per token and per sample) against RTN in the same "
