@@ -33,7 +33,7 @@ def fitness(source):
 
 
 def model():
-    return tiny_dit(out_channels=4)  # epsilon only, as dqcompile.eval.sample expects
+    return tiny_dit(out_channels=4)  # epsilon only, as dqcompile.fmnist.sample expects
 
 
 def test_layer_bitops_known_values():

@@ -18,8 +18,11 @@ reference backend (dqcompile/backends/reference.py) given the same float32 input
 
 `ln_modulate_quantize` runs LayerNorm, the adaLN modulation h * (1 + scale) + shift and the quantization
 in one kernel: the normalized activation never goes to memory, only int8 codes and per-group scales do.
-That fusion is what makes int8 pay on Hopper (shared/ANCHORS.md); it computes in float32 throughout,
-so for bf16 inputs it is the float32 composition, without the bf16 roundings between the eager ops.
+That fusion is what int8 needs to pay on Hopper: there cuBLAS's int8 GEMM is no faster than bf16 at
+DiT-XL/2's shapes, so a separate quantize pass, one more round trip of the activation through memory,
+eats whatever the integer GEMM gains (docs/design.md, "Peers and anchors"). It computes in float32
+throughout, so for bf16 inputs it is the float32 composition, without the bf16 roundings between the
+eager ops.
 
 `gelu_quantize` computes aten.gelu (approximate "none" or "tanh") and quantizes its output in one pass:
 the fc2 input of a DiT block, which otherwise makes a round trip through memory in bf16. The GELU is
