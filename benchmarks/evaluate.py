@@ -180,6 +180,8 @@ ROW_SETS: dict[str, tuple[str, list[Row]]] = {
     "steps-spacing": ("float, clip_sample off: DDIM 20 and 50 with leading and linspace timestep spacing",
                       _step_rows((False,), (("ddim", 20), ("ddim", 50)), "leading")
                       + _step_rows((False,), (("ddim", 20), ("ddim", 50)), "linspace")),
+    "steps-leading": ("float, clip_sample off, leading spacing (the protocol of docs/quality.md): DDIM 20/50/100 "
+                      "and DDPM 250", _step_rows((False,), STEP_CELLS, "leading")),
     "steps-cpu": ("the step-count check small enough for a CPU: DDIM 20 and 50, clip_sample off and on",
                   _step_rows((False, True), (("ddim", 20), ("ddim", 50)))),
 }

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One device call on two GPUs (nvidia-h200-x2) for the evidence of issues 13, 15 and 16:
-#   GPU 0: bench_dit.py's variants (fast path against bf16 and torchao), then the CUDA tests;
-#   GPU 1: the float model's FID against the sampler settings for both models (row set "steps"), then the
-#          method tables (benchmarks/gpu_methods.sh) on both models.
+#   GPU 0: bench_dit.py's variants (fast path against bf16 torch.compile, eager and torchao);
+#   GPU 1: the CUDA tests, then the float model's FID against the sampler settings (STEP_STAGES), then the
+#          method tables (benchmarks/gpu_methods.sh, METHOD_STAGES) with what is left of the call.
 # Everything is tarred into $OUT/session.tar.gz at the end (a call returns at most 8 files).
 # Run from the repository root with OUT and COMMIT set, after benchmarks/prepare_carry.sh (carry .carry):
 #     COMMIT=<hash> bash benchmarks/gpu_session.sh
-# Settings: SESSION_SECONDS (default 555), EMBEDDED_PROTOCOL / BENCHMARK_PROTOCOL (sampler flags of each
-# model's method rows), STEP_SAMPLES (default 2000 embedded, 1000 benchmark).
+# Settings (environment):
+#   SESSION_SECONDS  the whole call (default 555)
+#   VARIANTS         bench_dit variants, in order
+#   STEP_STAGES      space-separated model:rows:samples:seconds of evaluate.py row sets of float rows
+#                    (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them)
+#   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
+#                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
+#   PROTOCOL         sampler flags of the method rows (default: docs/quality.md's protocol)
 set -uo pipefail
 : "${OUT:?set OUT}"
 TOTAL=${SESSION_SECONDS:-555}
@@ -19,28 +25,32 @@ nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,temperature.gpu --form
 
 bench() {
     export CUDA_VISIBLE_DEVICES=0
-    timeout $(( $(left) - 110 )) python3 benchmarks/bench_dit.py --out "$OUT/dit_h200.json" \
+    timeout $(( $(left) - 10 )) python3 benchmarks/bench_dit.py --out "$OUT/dit_h200.json" \
         --variants "${VARIANTS:-compile,dqcompile_w8a8,compile_ro,dqcompile_w8a8_ro,dqcompile_w4a8,eager,torchao_fp8,torchao_int8}" \
-        --budget-s $(( $(left) - 150 )) --variant-timeout-s 200 > "$OUT/dit_h200.log" 2>&1
-    timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_kernels.py \
-        tests/test_compile_backend.py tests/test_reference_ops.py -rfE > "$OUT/gpu_tests_h200.log" 2>&1
+        --budget-s $(( $(left) - 60 )) --variant-timeout-s "${VARIANT_TIMEOUT:-220}" > "$OUT/dit_h200.log" 2>&1
 }
 
 quality() {
     export CUDA_VISIBLE_DEVICES=1
-    for entry in "embedded:${STEP_SAMPLES_EMBEDDED:-2000}:95" "benchmark:${STEP_SAMPLES_BENCHMARK:-1000}:140"; do
-        IFS=: read -r model samples seconds <<< "$entry"
-        timeout $(( seconds + 15 )) python3 benchmarks/evaluate.py --model "$model" --rows steps --samples "$samples" \
+    timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_kernels.py \
+        tests/test_compile_backend.py tests/test_reference_ops.py -rfE > "$OUT/gpu_tests_h200.log" 2>&1
+    for entry in ${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}; do
+        IFS=: read -r model rows samples seconds <<< "$entry"
+        timeout $(( seconds + 15 )) python3 benchmarks/evaluate.py --model "$model" --rows "$rows" --samples "$samples" \
             --seeds 0 --dtype bfloat16 --batch-size "$samples" --metrics fid,kid,prc,accuracy \
-            --budget-seconds "$seconds" --out "$OUT/steps_$model.json" > "$OUT/steps_$model.log" 2>&1
+            --budget-seconds "$seconds" --out "$OUT/${rows}_$model.json" > "$OUT/${rows}_$model.log" 2>&1
     done
-    share=$(( ($(left) - 20) / 2 ))
-    METHODS_BUDGET_SECONDS=$share METHODS_STAGES="embedded:methods-1:2000:$share" \
-        METHODS_PROTOCOL="${EMBEDDED_PROTOCOL:---steps 20}" bash benchmarks/gpu_methods.sh > /dev/null 2>&1
-    mv "$OUT/methods.log" "$OUT/methods_embedded.log" 2>/dev/null
-    share=$(( $(left) - 15 ))
-    METHODS_BUDGET_SECONDS=$share METHODS_STAGES="benchmark:methods-1:2000:$share" \
-        METHODS_PROTOCOL="${BENCHMARK_PROTOCOL:---steps 20 --clip-sample false}" bash benchmarks/gpu_methods.sh > /dev/null 2>&1
+    read -r -a stages <<< "${METHOD_STAGES:-embedded:methods-1:2000 benchmark:methods-1:2000}"
+    remaining=${#stages[@]}
+    for entry in "${stages[@]}"; do
+        IFS=: read -r model rows samples <<< "$entry"
+        share=$(( ($(left) - 15) / remaining ))
+        remaining=$(( remaining - 1 ))
+        METHODS_BUDGET_SECONDS=$share METHODS_STAGES="$model:$rows:$samples:$share" \
+            METHODS_PROTOCOL="${PROTOCOL:---steps 20 --clip-sample false --timestep-spacing leading}" \
+            bash benchmarks/gpu_methods.sh > /dev/null 2>&1
+        mv "$OUT/methods.log" "$OUT/methods_${model}_$rows.log" 2>/dev/null
+    done
 }
 
 bench &

@@ -194,7 +194,9 @@ def _ln_modulate_quantize_kernel(
     mean = tl.sum(tl.sum(x, axis=2), axis=1) / C
     centered = tl.where(valid, x - mean[:, None, None], 0.0)
     var = tl.sum(tl.sum(centered * centered, axis=2), axis=1) / C
-    rstd = tl.math.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + eps))
+    # eps to float32 first, as aten's LayerNorm does: Inductor passes a Python float argument that
+    # torch.compile did not specialise as a float64 scalar, and float64 would reach sqrt_rn.
+    rstd = tl.math.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + tl.cast(eps, tl.float32)))
     h = centered * rstd[:, None, None]
     if HAS_LN_WEIGHT:
         h = h * tl.load(ln_weight_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
