@@ -278,7 +278,9 @@ def synchronize(device: str) -> None:
 
 
 def run_model_variant(variant: str, config: dict, rows_list: list[int], device: str,
-                      dtype: torch.dtype) -> dict:
+                      dtype: torch.dtype, save_partial: Callable[[dict], None] = lambda result: None) -> dict:
+    """The figures of one variant; `save_partial` gets them after each row count (a variant stopped at its
+    time limit keeps the row counts it finished)."""
     from torch._dynamo.utils import counters
 
     if variant.startswith("torchao_"):  # find out before building the model
@@ -324,6 +326,7 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
             except Exception as error:  # a variant whose step cannot be captured still has its other figures
                 figures["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:500]
         result["rows"][str(rows)] = figures
+        save_partial({**result, "status": "partial", "note": f"stopped after {len(result['rows'])} row counts"})
         log(f"{variant}: {rows} rows: first call {figures['first_call_s']} s, {figures['ms_per_step']} ms/step"
             + (f", CUDA graph {figures['ms_per_step_cuda_graph']} ms" if "ms_per_step_cuda_graph" in figures else "")
             + (f", host {figures['host_ms_per_step']} ms" if "host_ms_per_step" in figures else ""))
@@ -360,7 +363,8 @@ def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -
         if device == "cuda" and not torch.cuda.is_available():
             raise Skipped("no CUDA device (use --quick for the CPU smoke check)")
         with torch.no_grad():
-            result = run_model_variant(variant, config, rows_list, device, dtype)
+            result = run_model_variant(variant, config, rows_list, device, dtype,
+                                       lambda partial: result_path.write_text(json.dumps(partial)))
         result["status"] = "ok"
     except Skipped as reason:
         result = {"status": "skipped", "note": str(reason)}
@@ -383,7 +387,10 @@ def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[
         try:
             completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT, env=env)
         except subprocess.TimeoutExpired:
-            return {"status": "timeout", "note": f"stopped after {timeout_s:.0f} s (time limit)"}
+            note = f"stopped after {timeout_s:.0f} s (time limit)"
+            if result_path.exists():  # the row counts finished before the limit
+                return {**json.loads(result_path.read_text()), "status": "partial", "note": note}
+            return {"status": "timeout", "note": note}
         wall_s = round(time.perf_counter() - start, 1)
         if not result_path.exists():
             return {"status": "failed", "error": f"the worker exited with code {completed.returncode}", "wall_s": wall_s}
@@ -397,17 +404,17 @@ def markdown_table(results: dict, rows_list: list[int]) -> str:
         + ["compile s", "rel. L2 vs bf16"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, result in results.items():
-        if result.get("status") != "ok":
+        if result.get("status") not in ("ok", "partial"):
             note = result.get("note") or result.get("error", "")
             lines.append(f"| {variant} | {result.get('status')}: {note[:80]} |" + " |" * (len(header) - 2))
             continue
         figures = result["rows"]
         cells = [variant, f"{result['weight_bytes'] / 2**20:.1f}"]
-        cells += [f"{figures[str(r)]['ms_per_step']:.2f}" for r in rows_list]
-        cells += [f"{figures[str(r)]['ms_per_step_cuda_graph']:.2f}" if "ms_per_step_cuda_graph" in figures[str(r)]
-                  else "-" for r in rows_list]
+        cells += [f"{figures[str(r)]['ms_per_step']:.2f}" if str(r) in figures else "-" for r in rows_list]
+        cells += [f"{figures[str(r)]['ms_per_step_cuda_graph']:.2f}"
+                  if "ms_per_step_cuda_graph" in figures.get(str(r), {}) else "-" for r in rows_list]
         cells += [f"{baseline[str(r)]['ms_per_step'] / figures[str(r)]['ms_per_step']:.2f}x"
-                  if str(r) in baseline else "-" for r in rows_list]
+                  if str(r) in baseline and str(r) in figures else "-" for r in rows_list]
         cells += [f"{figures[str(rows_list[0])]['first_call_s']:.0f}", f"{result['rel_l2_vs_bf16']:.2e}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -13,6 +13,7 @@
 #                    (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them)
 #   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
 #                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
+#   TEST_SECONDS, TEST_FILTER  the CUDA tests' time limit (default 200) and a pytest -k expression
 #   PROTOCOL         sampler flags of the method rows (default: docs/quality.md's protocol)
 set -uo pipefail
 : "${OUT:?set OUT}"
@@ -33,7 +34,8 @@ bench() {
 quality() {
     export CUDA_VISIBLE_DEVICES=1
     timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_kernels.py \
-        tests/test_compile_backend.py tests/test_reference_ops.py -rfE > "$OUT/gpu_tests_h200.log" 2>&1
+        tests/test_compile_backend.py tests/test_reference_ops.py -rfE ${TEST_FILTER:+-k "$TEST_FILTER"} \
+        > "$OUT/gpu_tests_h200.log" 2>&1
     for entry in ${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}; do
         IFS=: read -r model rows samples seconds <<< "$entry"
         timeout $(( seconds + 15 )) python3 benchmarks/evaluate.py --model "$model" --rows "$rows" --samples "$samples" \

@@ -361,3 +361,22 @@ def test_triton_op_kernels_are_traced_into_the_graph() -> None:
     targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert not any("int_matmul_unittesttriton" in target for target in targets), targets
     assert any("triton_kernel_wrapper" in target for target in targets), targets
+
+
+@pytest.mark.parametrize(("dtype", "approximate", "fused_for_triton"), [
+    (torch.float32, "none", 0), (torch.float32, "tanh", 1), (torch.bfloat16, "none", 1)])
+def test_triton_leaves_float32_erf_gelu_unfused(dtype: torch.dtype, approximate: str, fused_for_triton: int) -> None:
+    """Triton's fused erf GELU moved a few float32 codes on an H200 (its erf is not aten's bit for bit), so
+    for Triton kernels a float32 erf GELU keeps aten's GELU; the other cases fuse for every backend."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dqcompile.backends.fusion import fuse_quantizers
+
+    def mlp_tail(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.ops.dqcompile.quantize_act(torch.ops.aten.gelu(x, approximate=approximate), 8, 0, False)
+
+    for float32_erf, expected in ((True, 1), (False, fused_for_triton)):
+        gm = make_fx(mlp_tail)(torch.randn(2, 8, dtype=dtype))
+        assert fuse_quantizers(gm, float32_erf=float32_erf).get("gelu_quantize", 0) == expected
+        targets = [node.target for node in gm.graph.nodes]
+        assert (torch.ops.aten.gelu.default in targets) == (expected == 0)

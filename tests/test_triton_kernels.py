@@ -532,7 +532,11 @@ def test_cuda_gemm_configs(config: GemmConfig, w_bits: int) -> None:
 def test_cuda_gelu_quantize(dtype: torch.dtype, approximate: str, group_size: int, symmetric: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4096, 4608, generator=gen) * 2).to(dtype).cuda()
-    _check_gelu_quantize(x, approximate, group_size, symmetric, exact_gelu=True)
+    # float32 erf: the kernel's erf is not aten's bit for bit and nothing rounds it away; on an H200 4-10
+    # codes of 18.9M (and, in groups of 128, 6,666 scales) differed from the unfused ops, so the backend
+    # leaves that case unfused (test_compile_backend.py) and here only the looser checks apply.
+    exact = not (dtype == torch.float32 and approximate == "none")
+    _check_gelu_quantize(x, approximate, group_size, symmetric, exact_gelu=exact)
 
 
 @pytest.mark.cuda
