@@ -93,16 +93,16 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     save_benchmark_model(model, tmp_path / "tiny", model_config=TINY_CONFIG)
     out = tmp_path / "result.json"
     driver.main(["--model", str(tmp_path / "tiny"), "--rows", "float", "--row", "w8a8=w8a8@steps=2",
-                 "--row", "unclipped=fp@clip_sample=false", "--samples", "6", "--steps", "1", "--seeds", "0,1",
+                 "--row", "clipped=fp@clip_sample=true", "--samples", "6", "--steps", "1", "--seeds", "0,1",
                  "--reference-size", "50", "--metrics", "fid,accuracy,psnr", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert {"device", "date", "commit", "torch"} <= set(result) and result["protocol"]["seeds"] == [0, 1]
-    assert result["protocol"]["sampler"] == {"scheduler": "ddim", "steps": 1, "clip_sample": True,
-                                             "timestep_spacing": "trailing", "guidance": 1.5}
-    fp, w8a8, unclipped = result["rows"]
+    assert result["protocol"]["sampler"] == {"scheduler": "ddim", "steps": 1, "clip_sample": False,
+                                             "timestep_spacing": "leading", "guidance": 1.5}
+    fp, w8a8, clipped = result["rows"]
     assert [entry["seed"] for entry in fp["seeds"]] == [0, 1]
     assert {"fid", "accuracy", "images_per_second"} <= set(fp["stats"]) and "std" in fp["stats"]["fid"]
     assert "psnr_db_vs_fp" in w8a8["stats"] and w8a8["sampler_settings"]["steps"] == 2
-    assert w8a8["quantize_seconds"] > 0 and unclipped["sampler_settings"]["clip_sample"] is False
+    assert w8a8["quantize_seconds"] > 0 and clipped["sampler_settings"]["clip_sample"] is True
     table = out.with_suffix(".md").read_text()
-    assert "| w8a8 | DDIM 2, clip on" in table and "| unclipped | DDIM 1, clip off" in table
+    assert "| w8a8 | DDIM 2, clip off" in table and "| clipped | DDIM 1, clip on" in table

@@ -121,7 +121,7 @@ def test_callback_sees_the_guided_epsilon_of_every_image_once_per_step() -> None
     )
     assert [step for step, _, _ in recorded] == [0, 1, 2]
     timesteps = [t for _, t, _ in recorded]
-    assert timesteps[0] == 999 and timesteps == sorted(timesteps, reverse=True)  # trailing spacing
+    assert timesteps == [666, 333, 0]  # leading spacing, the embedded config's
     for _, _, output in recorded:
         assert output.shape == (3, 1, 32, 32)
         # eps = eps_u + w (eps_c - eps_u) with eps_c = label, eps_u = the null label.
@@ -154,7 +154,7 @@ def test_schedulers_follow_the_embedded_config() -> None:
         assert scheduler.config.beta_schedule == FMNIST_SCHEDULER_CONFIG["beta_schedule"]
         assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
     ddim.set_timesteps(20)
-    assert ddim.timesteps[0] == 999 and ddim.timesteps[-1] == 49  # trailing: starts at pure noise
+    assert ddim.timesteps[0] == 950 and ddim.timesteps[-1] == 0  # leading: no step at t = 999 (docs/quality.md)
 
 
 def test_missing_checkpoint_error_says_how_to_train(tmp_path) -> None:
@@ -166,9 +166,9 @@ def test_missing_checkpoint_error_says_how_to_train(tmp_path) -> None:
 
 def test_sampler_settings_are_arguments() -> None:
     assert make_scheduler("ddim").config.clip_sample is FMNIST_SCHEDULER_CONFIG["clip_sample"]
-    unclipped = make_scheduler("ddim", clip_sample=False, timestep_spacing="leading")
-    assert unclipped.config.clip_sample is False and unclipped.config.timestep_spacing == "leading"
-    assert unclipped.config.beta_schedule == FMNIST_SCHEDULER_CONFIG["beta_schedule"]  # the schedule stays
+    clipped = make_scheduler("ddim", clip_sample=True, timestep_spacing="trailing")
+    assert clipped.config.clip_sample is True and clipped.config.timestep_spacing == "trailing"
+    assert clipped.config.beta_schedule == FMNIST_SCHEDULER_CONFIG["beta_schedule"]  # the schedule stays
     assert make_scheduler("ddpm", clip_sample=False).config.clip_sample is False
 
 

@@ -1,11 +1,10 @@
 """Recommended presets per bit-width: `auto-w8a8`, `auto-w4a8`, `auto-w6a6` (issue 16).
 
-CANDIDATES. Every preset here is a candidate until the GPU evaluation (benchmarks/evaluate.py, row set
-"auto", on the embedded and the benchmark models) has measured it against round to nearest with
-dynamic per-token activations and torchao; the lead fixes `auto-w*` from that evidence
-(docs/methods_quality.md). Until then each `auto-w*` name points at the candidate the CPU
-measurements favour (docs/methods_quality.md, "CPU evidence"), and the `auto-w*-<pieces>` names are
-the alternatives the GPU run compares.
+Each `auto-w*` name is the candidate the GPU evaluation picked (benchmarks/evaluate.py, row sets
+"auto-w4a8", "auto-w6a6", "auto-w8a8", on an H200; docs/methods_quality.md has the tables): the best FID
+against round to nearest with dynamic per-token activations and torchao, and among rows whose FIDs tie,
+the highest PSNR against the float model's images. The `auto-w*-<pieces>` names stay registered as the
+alternatives.
 
 What a candidate combines, all on the kernels' fast path (per-channel weights, dynamic per-token
 activations; one candidate per width adds weight groups of 128, which the Triton GEMM also runs):
@@ -67,10 +66,13 @@ CANDIDATES: dict[str, QuantSpec] = {
     for name, w, a, rounding, balance, group in CANDIDATE_TABLE
 }
 
-# The current pick per width (a candidate's definition under the short name), until the GPU run decides.
+# The pick per width (a candidate's definition under the short name), from the H200 tables
+# (docs/methods_quality.md): w4a8 GPTQ matched the float FID on both models where round to nearest lost
+# 0.4 and 2.6, and block reconstruction was no better at 16x the quantize time; at w8a8 and w6a6 every
+# FID tied with the float model's, and GPTQ (w6a6: with balancing) was closest to the float images.
 RECOMMENDED: dict[str, str] = {
     "auto-w8a8": "auto-w8a8-gptq",
-    "auto-w4a8": "auto-w4a8-recon",
+    "auto-w4a8": "auto-w4a8-gptq",
     "auto-w6a6": "auto-w6a6-csb-gptq",
 }
 
