@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -60,3 +61,33 @@ def timed_with_peak(function: Callable[..., Result], *args: Any, **kwargs: Any) 
         torch.cuda.reset_peak_memory_stats()
     result, seconds = timed(function, *args, **kwargs)
     return result, seconds, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def median_ms(function: Callable[[], object], *, calls: int = 1, runs: int = 5, warmup: int = 1,
+              device: str | None = None) -> dict[str, float]:
+    """The one timer of the benchmarks: ms per call of `function`, as a sampler runs it.
+
+    Each run times `calls` consecutive calls (no cache flush between them) with CUDA events on "cuda",
+    with the host clock elsewhere (device None: "cuda" when CUDA is available); `warmup` runs first are
+    dropped. Returns the median, min and max over `runs` runs, per call. A CUDA graph is timed the same
+    way, with `function` = the graph's `replay`.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    per_call: list[float] = []
+    for run in range(warmup + runs):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                function()
+            stop.record()
+            stop.synchronize()
+            elapsed = start.elapsed_time(stop)
+        else:
+            begin = time.perf_counter()
+            for _ in range(calls):
+                function()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if run >= warmup:
+            per_call.append(elapsed / calls)
+    return {"ms": statistics.median(per_call), "min_ms": min(per_call), "max_ms": max(per_call)}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,28 +36,13 @@ if "--omp-passive" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import run_metadata, timed  # noqa: E402
+from bench_common import median_ms, run_metadata, timed  # noqa: E402
 
 import dqcompile  # noqa: E402
 from dqcompile.example_inputs import default_example_inputs  # noqa: E402
+from dqcompile.fmnist import load_embedded_model  # noqa: E402
 
 VARIANTS = ("fp32 eager", "fp32 compiled", "w8a8 eager", "w8a8 compiled", "w4a8 eager", "w4a8 compiled")
-
-
-def load_embedded_model() -> torch.nn.Module:
-    """The embedded Fashion-MNIST DiT, wherever this checkout keeps it."""
-    try:
-        from dqcompile.fmnist import load_embedded_model as load
-    except ImportError:
-        from dqcompile.models import load_embedded_model as load
-    return load()
-
-
-def median_ms(function: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        function()
-    times = [timed(function)[1] * 1e3 for _ in range(repeats)]
-    return {"ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "max_ms": round(max(times), 2)}
 
 
 def build_variants(model: torch.nn.Module, names: list[str], compile_models: bool) -> dict[str, Callable]:
@@ -96,7 +80,8 @@ def run(rows_list: list[int], names: list[str], repeats: int, warmup: int, compi
                 if name.endswith("compiled"):
                     _, seconds = timed(lambda: target(**inputs))  # compiles (or recompiles for a new batch)
                     entry["first_call_s"] = round(seconds, 1)
-                entry.update(median_ms(lambda: target(**inputs), warmup, repeats))
+                timing = median_ms(lambda: target(**inputs), runs=repeats, warmup=warmup, device="cpu")
+                entry.update({key: round(value, 2) for key, value in timing.items()})
             entry["load_before"], entry["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
             per_rows[name] = entry
             print(f"rows {rows:4d}  {name:14s} {entry['ms']:9.1f} ms  (min {entry['min_ms']:.1f}, "

@@ -63,7 +63,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import run_metadata  # noqa: E402
+from bench_common import median_ms, run_metadata  # noqa: E402
 
 DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
@@ -176,27 +176,10 @@ def prepare(variant: str, model: nn.Module, device: str) -> tuple[Callable[..., 
 
 # ------------------------------------------------------------------------------------------ timing
 
-def median_ms(fn: Callable[[], object], device: str) -> float:
-    """ms per call: CUDA events (a host clock on CPU) around CALLS_PER_RUN consecutive calls, no cache
-    flush between them, median of RUNS runs after a warm-up run."""
-    runs = []
-    for run in range(RUNS + 1):
-        if device == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(CALLS_PER_RUN):
-                fn()
-            stop.record()
-            stop.synchronize()
-            elapsed = start.elapsed_time(stop)
-        else:
-            begin = time.perf_counter()
-            for _ in range(CALLS_PER_RUN):
-                fn()
-            elapsed = (time.perf_counter() - begin) * 1e3
-        if run:  # the first run warms up
-            runs.append(elapsed / CALLS_PER_RUN)
-    return statistics.median(runs)
+def step_ms(fn: Callable[[], object], device: str) -> float:
+    """ms per call with bench_common's timer: CALLS_PER_RUN consecutive calls per run, median of RUNS runs
+    after a warm-up run (CUDA events on the GPU)."""
+    return median_ms(fn, calls=CALLS_PER_RUN, runs=RUNS, warmup=1, device=device)["ms"]
 
 
 def cuda_graph_ms(step: Callable[[dict], object], inputs: dict[str, torch.Tensor]) -> float:
@@ -211,7 +194,7 @@ def cuda_graph_ms(step: Callable[[dict], object], inputs: dict[str, torch.Tensor
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(static)
-    return median_ms(graph.replay, "cuda")
+    return step_ms(graph.replay, "cuda")
 
 
 def host_ms(step: Callable[[dict], object], batch: dict[str, torch.Tensor]) -> float:
@@ -317,7 +300,7 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
         if index == 0:
             error = (output.float() - reference).norm() / reference.norm()
             result["rel_l2_vs_bf16"] = float(error)
-        figures["ms_per_step"] = round(median_ms(lambda: step(batch), device), 3)
+        figures["ms_per_step"] = round(step_ms(lambda: step(batch), device), 3)
         if device == "cuda":
             figures["host_ms_per_step"] = round(host_ms(step, batch), 3)
             figures["profile"] = profile_step(step, batch)

@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from bench_common import median_ms  # noqa: E402
+
 from dqcompile.backends import reference  # noqa: E402
 from dqcompile.backends.triton.gemm import (  # noqa: E402
     GemmConfig,
@@ -144,9 +146,7 @@ def _median_ms(fn: Callable[[], object], quick: bool = False) -> float:
     generated code does not pay either). Consecutive calls leave the operands in L2 where they fit, the same
     for every method."""
     if DRY_RUN:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return median_ms(fn, runs=1, warmup=0, device="cpu")["ms"]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -162,18 +162,9 @@ def _median_ms(fn: Callable[[], object], quick: bool = False) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7 if quick else 15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+    timing = median_ms(graph.replay, runs=7 if quick else 15, warmup=1, device="cuda")
     del graph
-    return float(sorted(times)[len(times) // 2])
+    return timing["ms"] / calls
 
 
 def _eager_ms(fn: Callable[[], object]) -> float:

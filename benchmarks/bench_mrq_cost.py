@@ -7,8 +7,8 @@ once per region (dqcompile/quant/mrq.py): for the post-GELU fc2 input, quantize_
 int_linear calls + an add, against quantize_act_static + one int_linear; for attention, int_attention
 with two-region softmax codes (two P V products) against uniform ones. Shapes: the embedded
 Fashion-MNIST DiT's fc2 (768 -> 192) and attention (6 heads x 32, 256 tokens) at 16 rows (8 images with
-guidance), and DiT-XL/2's fc2 (4608 -> 1152) at 4 rows. Times are medians of
-torch.utils.benchmark.Timer.blocked_autorange on the reference backend.
+guidance), and DiT-XL/2's fc2 (4608 -> 1152) at 4 rows. Times are medians of --runs runs of the
+benchmarks' one timer (bench_common.median_ms) on the reference backend.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dqcompile.backends.ops  # noqa: E402,F401  (registers torch.ops.dqcompile)
-from bench_common import run_metadata  # noqa: E402
+from bench_common import median_ms, run_metadata  # noqa: E402
 from dqcompile.quant import quantize_weight  # noqa: E402
 from dqcompile.quant.mrq import softmax_low_scales  # noqa: E402
 
@@ -31,15 +30,7 @@ OPS = torch.ops.dqcompile
 TOKENS = 256
 
 
-def median_ms(function, min_run_time: float) -> float:
-    function()  # warm up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    timer = Timer(stmt="function()", globals={"function": function})
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def fc2_case(name: str, rows: int, k: int, n: int, device: str, min_run_time: float) -> dict:
+def fc2_case(name: str, rows: int, k: int, n: int, device: str, runs: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     x = torch.nn.functional.gelu(torch.randn(rows, TOKENS, k, generator=generator), approximate="tanh").to(device)
     weight = quantize_weight(torch.randn(n, k, generator=generator), 8)
@@ -62,10 +53,10 @@ def fc2_case(name: str, rows: int, k: int, n: int, device: str, min_run_time: fl
     def float_linear() -> torch.Tensor:
         return torch.nn.functional.linear(x, weight.dequantize().to(device), bias)
 
-    return _row(name, f"[{rows}x{TOKENS}, {k}] x [{n}, {k}]", one_region, two_regions, float_linear, min_run_time)
+    return _row(name, f"[{rows}x{TOKENS}, {k}] x [{n}, {k}]", one_region, two_regions, float_linear, runs)
 
 
-def attention_case(name: str, rows: int, heads: int, head_dim: int, device: str, min_run_time: float) -> dict:
+def attention_case(name: str, rows: int, heads: int, head_dim: int, device: str, runs: int) -> dict:
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(rows, heads, TOKENS, head_dim, generator=generator).to(device) for _ in range(3))
     steps = [x.abs().amax(dim=(0, 2, 3)).reshape(1, heads, 1, 1) / 127 for x in (q, k, v)]
@@ -77,30 +68,30 @@ def attention_case(name: str, rows: int, heads: int, head_dim: int, device: str,
         lambda: OPS.int_attention(q, k, v, *steps, None, 8, scale),
         lambda: OPS.int_attention(q, k, v, *steps, p_low, 8, scale),
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-        min_run_time,
+        runs,
     )
 
 
-def _row(name: str, shape: str, one_region, two_regions, float_version, min_run_time: float) -> dict:
-    one = median_ms(one_region, min_run_time)
-    two = median_ms(two_regions, min_run_time)
+def _row(name: str, shape: str, one_region, two_regions, float_version, runs: int) -> dict:
+    one = median_ms(one_region, runs=runs)["ms"]
+    two = median_ms(two_regions, runs=runs)["ms"]
     return {"case": name, "shape": shape, "one_region_ms": one, "two_regions_ms": two,
-            "float_ms": median_ms(float_version, min_run_time), "mrq_over_one_region": two / one}
+            "float_ms": median_ms(float_version, runs=runs)["ms"], "mrq_over_one_region": two / one}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [
-        fc2_case("fc2, embedded DiT", 16, 768, 192, args.device, args.min_run_time),
-        fc2_case("fc2, DiT-XL/2", 4, 4608, 1152, args.device, args.min_run_time),
-        attention_case("attention, embedded DiT", 16, 6, 32, args.device, args.min_run_time),
+        fc2_case("fc2, embedded DiT", 16, 768, 192, args.device, args.runs),
+        fc2_case("fc2, DiT-XL/2", 4, 4608, 1152, args.device, args.runs),
+        attention_case("attention, embedded DiT", 16, 6, 32, args.device, args.runs),
     ]
     result = {**run_metadata(), "threads": torch.get_num_threads(), "backend": "reference", "rows": rows}
     if args.out:

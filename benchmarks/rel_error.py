@@ -64,7 +64,7 @@ def main() -> None:
     result = {**run_metadata(), "model": args.model, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    print(f"| preset | rel. L2 vs fp32 | quantized linears | linear weights (MiB) |")
+    print("| preset | rel. L2 vs fp32 | quantized linears | linear weights (MiB) |")
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['preset']} | {row['rel_l2']:.4f} | {row['quantized_layers']} | "

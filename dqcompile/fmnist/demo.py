@@ -107,6 +107,8 @@ def _table(result: dict[str, Any]) -> str:
         ("PSNR vs float (dB)", "", f"{result['psnr_db_vs_fp']:.2f}"),
         ("linear weights (MiB)", f"{weights['fp']:.2f}", f"{weights['quantized']:.2f}"),
         ("ms per step", f"{fp['ms_per_step']:.1f}", f"{q['ms_per_step']:.1f}"),
+        # > 1: the quantized model is faster. Eager on both sides (docs/cpu_path.md: compiled figures).
+        ("speed vs float", "1.00x", f"{fp['ms_per_step'] / q['ms_per_step']:.2f}x"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
