@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--clip-sample", choices=("true", "false"), default="false",
                         help="clip the predicted x0 while sampling (default false)")
-    parser.add_argument("--timestep-spacing", default="trailing")
+    parser.add_argument("--timestep-spacing", default="leading",
+                        help="leading (default: the protocol of docs/quality.md), trailing or linspace")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.json, .md, .png)")
