@@ -116,14 +116,21 @@ def _recon(preset: str) -> str:
     return f"{preset}:options.reconstruction.enabled=true"
 
 
+def _baselines(row: Callable[..., Any], width: str, *, static: bool) -> list[Any]:
+    """The baselines every method table of `width` carries: RTN with static per-tensor activations (for
+    static methods), RTN dynamic per token, and at w8a8 torchao's int8 dynamic quantization."""
+    rows = [row(f"RTN {width} static", f"{width}:activations.mode=static_tensor")] if static else []
+    rows.append(row(f"RTN {width} dynamic", width))
+    if width == "w8a8":
+        rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+    return rows
+
+
 def ptq4dit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8")) -> list[Any]:
     """PTQ4DiT against RTN in its activation mode (static per tensor), RTN dynamic per token and torchao."""
     rows = [row("fp")]
     for width in widths:
-        rows += [row(f"RTN {width} static", f"{width}:activations.mode=static_tensor"),
-                 row(f"RTN {width} dynamic", width)]
-        if width == "w8a8":
-            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        rows += _baselines(row, width, static=True)
         rows += [row(f"CSB+SSC {width}", f"ptq4dit-{width}"),
                  row(f"CSB+SSC+recon {width}", _recon(f"ptq4dit-{width}")),
                  row(f"CSB+SSC {width} dynamic", f"ptq4dit-{width}-dyn"),
@@ -152,10 +159,7 @@ def tqdit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w6a6
     """TQ-DiT's full pipeline (MRQ + TGQ + HO) against RTN static, RTN dynamic per token and torchao."""
     rows = [row("fp")]
     for width in widths:
-        rows += [row(f"RTN {width} static", f"{width}:activations.mode=static_tensor"),
-                 row(f"RTN {width} dynamic", width)]
-        if width == "w8a8":
-            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        rows += _baselines(row, width, static=True)
         rows.append(row(f"TQ-DiT {width}", f"tqdit-{width}:options.hessian_rows=2048", calibration=TQDIT_CALIBRATION))
     return rows
 
@@ -166,9 +170,7 @@ def auto_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8"
 
     rows = [row("fp")]
     for width in widths:
-        rows.append(row(f"RTN {width} dynamic", width))
-        if width == "w8a8":
-            rows.append(row("torchao int8 dynamic", TORCHAO_SPEC))
+        rows += _baselines(row, width, static=False)
         picked = RECOMMENDED[f"auto-{width}"]
         for name in CANDIDATES:
             if name.startswith(f"auto-{width}-"):
@@ -201,14 +203,10 @@ def tiers(row: Callable[..., Any]) -> dict[str, list[Any]]:
     second = _unique(ptq4dit_rows(row, ("w4a8",)) + tqdit_rows(row, ("w6a6",)) + qdit_rows(row, (4,)))
     third = _unique(ptq4dit_rows(row, ("w8a8",)) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
     final = [row("fp")]
-    for width in ("w8a8", "w4a8", "w6a6"):
-        final.append(row(f"RTN {width} dynamic", width))
-        if width == "w8a8":
-            final.append(row("torchao int8 dynamic", TORCHAO_SPEC))
-        final.append(row(f"auto-{width}", f"auto-{width}"))
+    for name in RECOMMENDED:  # auto-w8a8, auto-w4a8, auto-w6a6
+        final += _baselines(row, name.removeprefix("auto-"), static=False) + [row(name, name)]
     tables = {"methods-1": first, "methods-2": second, "methods-3": third, "auto-final": final}
     tables["methods"] = _unique(first + second + third)
-    assert len(RECOMMENDED) == 3
     return tables
 
 
@@ -216,7 +214,7 @@ def smoke_rows(row: Callable[..., Any]) -> list[Any]:
     short = "options.reconstruction.iterations=5,options.reconstruction.batch_size=4"
     return [row("fp"), row("RTN w4a8 dynamic", "w4a8"), row("torchao int8 dynamic", TORCHAO_SPEC),
             row("auto-w4a8-recon (5 iterations)", f"auto-w4a8-recon:{short}"),
-            row("CSB+SSC+recon w4a8 (5 iterations)", f"ptq4dit-w4a8:options.reconstruction.enabled=true,{short}"),
+            row("CSB+SSC+recon w4a8 (5 iterations)", f"{_recon('ptq4dit-w4a8')},{short}"),
             row("auto-w6a6-csb-gptq", "auto-w6a6-csb-gptq"), row("Q-DiT w4a8", "qdit-w4a8"),
             row("TQ-DiT w6a6 (no HO)", "tqdit-w6a6:options.hessian=false")]
 
