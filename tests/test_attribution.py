@@ -14,7 +14,7 @@ from dqcompile.capture import capture
 from dqcompile.quant import QuantizedWeight
 from dqcompile.viz import build_graph_view, format_layer_errors, layer_errors
 from dqcompile.viz.html import page
-from tiny_models import dit_inputs, tiny_dit
+from tiny_models import dit_inputs, layer_inputs_and_outputs, tiny_dit
 
 INPUTS = [dit_inputs(batch=4, seed=seed) for seed in range(2)]
 
@@ -33,12 +33,7 @@ def test_the_split_is_the_weight_only_layer_and_the_rest(dit):
     the plan's codes and scales, and the integer layer: the two parts are what the table reports."""
     model, qmodel = dit["model"], dit["q"]["w4a8"]
     name = "transformer_blocks.0.attn1.to_q"
-    seen = []
-    hook = model.get_submodule(name).register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
-    with torch.no_grad():
-        for sample in INPUTS:
-            model(**sample)
-    hook.remove()
+    seen = layer_inputs_and_outputs(model, name, INPUTS)
     plan = qmodel.plan.layers[name]
     w_hat = QuantizedWeight(plan.weight.qweight, plan.weight.scale, 4, 0).dequantize()
     layer = qmodel.graph_module.get_submodule(name)

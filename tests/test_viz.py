@@ -16,7 +16,7 @@ from dqcompile import find_adaln_pairs
 from dqcompile.viz import build_graph_view, format_layer_errors, graph_view, layer_errors, render
 from dqcompile.viz.dot import dot_source, write_dot
 from dqcompile.viz.html import page
-from tiny_models import dit_inputs, hand_dit, hand_dit_inputs, tiny_dit
+from tiny_models import dit_inputs, hand_dit, hand_dit_inputs, layer_inputs_and_outputs, tiny_dit
 
 
 
@@ -127,12 +127,7 @@ def test_isolated_error_is_the_layer_on_float_inputs(dit):
     quantized layer's ops on that input; the error table must give the same SQNR."""
     model, qmodel, inputs = dit["model"], dit["q"]["w4a8"], dit["inputs"]
     name = "transformer_blocks.0.attn1.to_q"
-    seen = []
-    hook = model.get_submodule(name).register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
-    with torch.no_grad():
-        for sample in inputs:
-            model(**sample)
-    hook.remove()
+    seen = layer_inputs_and_outputs(model, name, inputs)
     layer = qmodel.graph_module.get_submodule(name)
     ops = torch.ops.dqcompile
     signal = noise = 0.0

@@ -138,3 +138,16 @@ def dit_inputs(batch: int, seed: int = 3) -> dict:
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return float((a - b).norm() / b.norm())
+
+
+def layer_inputs_and_outputs(model: nn.Module, name: str, samples: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of the submodule `name` at every call while `model` runs each sample (forward hooks)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = model.get_submodule(name).register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                model(**sample)
+    finally:
+        hook.remove()
+    return seen
