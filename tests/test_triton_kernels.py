@@ -330,6 +330,36 @@ def test_interp_quantize_act_edge_cases() -> None:
     _check_quantize_act(torch.randn(5, 64).to(torch.bfloat16), 8, 32, False)
 
 
+def test_row_segments_pad_little() -> None:
+    """Rows are held as two power-of-two segments: DiT-XL/2's widths need no padding at all, and no width
+    pads more than one tile of the next power of two would."""
+    from dqcompile.backends.triton.quantize import _row_segments
+
+    assert _row_segments(1, 4608) == dict(A_G=1, A_L=4096, B_G0=0, B_L0=4096, B_G=1, B_L=512)
+    assert _row_segments(1, 1152) == dict(A_G=1, A_L=1024, B_G0=0, B_L0=1024, B_G=1, B_L=128)
+    assert _row_segments(1, 64)["B_G"] == 0
+    assert _row_segments(36, 128) == dict(A_G=32, A_L=128, B_G0=32, B_L0=0, B_G=4, B_L=128)
+    for channels in range(1, 3000, 7):
+        seg = _row_segments(1, channels)
+        lanes = seg["A_L"] + seg["B_G"] * seg["B_L"]
+        assert channels <= lanes <= triton_next_pow2(channels)
+
+
+@interp
+@pytest.mark.parametrize("group_size", [0, 8, 22, 44])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_interp_quantize_act_padded_segments(group_size: int, symmetric: bool) -> None:
+    """88 = 64 + 24 lanes: the second segment is padded (to 32); groups of 8 give 11 = 8 + 3 groups (padded
+    to 4), groups of 22 pad each group's lanes: codes and scales still bit for bit the reference's."""
+    gen = torch.Generator().manual_seed(group_size)
+    x = torch.randn(7, 88, generator=gen) * 2 + torch.rand(7, 1, generator=gen)
+    x[:, 70] = 9.0  # the range of every token is set in the second segment
+    _check_quantize_act(x, 8, group_size, symmetric)
+    _check_gelu_quantize(x.reshape(7, 1, 88), "tanh", group_size, symmetric, exact_gelu=False)
+    mod = torch.randn(2, 88, generator=gen)
+    _check_ln_modulate_quantize(x.reshape(1, 7, 88), None, None, mod[:1] * 0.5, mod[1:] * 0.5, group_size, symmetric)
+
+
 @interp
 @pytest.mark.parametrize("batch,tokens,channels", [(1, 1, 32), (2, 5, 64), (3, 4, 48)])
 @pytest.mark.parametrize("group_size", [0, 16])
@@ -440,18 +470,17 @@ def test_interp_gelu_quantize(dtype: torch.dtype, approximate: str, group_size: 
 
 
 @interp
-def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What torch.library.triton_op needs of a launcher, checked on CPU: run over fake tensors with a
-    symbolic row count, it reads no data, allocates its outputs and launches its kernels through
-    torch.library.wrap_triton, with grids and arguments computed from shapes alone. (Under the interpreter
-    wrap_triton returns the kernel itself, so torch's own tracing cannot be run here; the CUDA test
-    `test_cuda_triton_op_under_inductor` compiles the real thing.)"""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import (
-        DimDynamic,
-        ShapeEnv,
-        StatelessSymbolicContext,
-    )
+@pytest.mark.parametrize("rows", [16, 4096])
+def test_interp_launchers_trace_symbolic_rows_without_guards(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """What torch.library.triton_op needs of a launcher, checked on CPU: traced with a symbolic row count
+    (make_fx, as AOTAutograd traces a triton_op body), it reads no data, allocates its outputs and launches
+    its kernels through torch.library.wrap_triton, with grids and arguments computed from shapes alone;
+    and it adds no guard on the row count, so a dynamic-batch compile serves every batch (a guard on the
+    rows' tile bucket made the 64-row step of DiT-XL/2 recompile on an H200). Rows 16 and 4,096 take the
+    weight-streaming and the large-tile configs. (Under the interpreter wrap_triton returns the kernel
+    itself, so it is replaced by a recorder here; the CUDA test `test_cuda_triton_op_under_inductor`
+    compiles the real thing.)"""
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     launches: list[tuple[object, tuple]] = []
 
@@ -466,30 +495,43 @@ def test_interp_launchers_trace_on_fake_tensors(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
     gen = torch.Generator().manual_seed(2)
-    codes, qw = _weights(40, 256, 4, "cpu", gen)
-    real = {
-        "qx": torch.randint(-127, 128, (6, 256), dtype=torch.int8, generator=gen),
-        "x_scale": torch.rand(6, 1), "x_zero": torch.zeros(6, 1, dtype=torch.int32),
-        "x": torch.randn(6, 256), "mod": torch.randn(2, 256), "x3": torch.randn(2, 3, 256),
-    }
-    fixed = {"qw": qw, "w_scale": torch.rand(40, 1), "bias": torch.randn(40), "w_sum": weight_group_sums(qw, 4, 0)}
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    def fake(t: torch.Tensor, dynamic_rows: bool) -> torch.Tensor:
-        sizes = [DimDynamic.DYNAMIC if dynamic_rows else DimDynamic.STATIC] + [DimDynamic.STATIC] * (t.dim() - 1)
-        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+    _, qw = _weights(40, 256, 4, "cpu", gen)
+    w_scale, bias, w_sum = torch.rand(40, 1), torch.randn(40), weight_group_sums(qw, 4, 0)
 
-    dynamic = {name: fake(t, True) for name, t in real.items()}
-    static = {name: fake(t, False) for name, t in fixed.items()}
-    with mode:
-        out = triton_int_linear(dynamic["qx"], dynamic["x_scale"], dynamic["x_zero"], static["qw"], static["w_scale"],
-                                static["bias"], 4, 0, torch.bfloat16, static["w_sum"])
-        assert isinstance(out.shape[0], torch.SymInt) and out.shape[1] == 40 and out.dtype == torch.bfloat16
-        outputs = (quantize_act(dynamic["x"], 8, 0, True) + gelu_quantize(dynamic["x"], "tanh", 8, 64, False)
-                   + ln_modulate_quantize(dynamic["x3"], None, None, 1e-6, dynamic["mod"], dynamic["mod"], 8, 0, True))
-        expected = [(256,), (1,), (1,), (256,), (4,), (4,), (3, 256), (3, 1), (3, 1)]
-        assert [tuple(t.shape[1:]) for t in outputs] == expected
+    def launch_all(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, x: torch.Tensor,
+                   x3: torch.Tensor, mod: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
+                   w_sum: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 4, 0, torch.bfloat16, w_sum)
+        return ((out,) + quantize_act(x, 8, 0, True) + gelu_quantize(x, "tanh", 8, 64, False)
+                + ln_modulate_quantize(x3, None, None, 1e-6, mod, mod, 8, 0, True))
+
+    samples = max(2, rows // 8)
+    graph = make_fx(launch_all, tracing_mode="symbolic")(
+        torch.randint(-127, 128, (rows, 256), dtype=torch.int8, generator=gen), torch.rand(rows, 1),
+        torch.zeros(rows, 1, dtype=torch.int32), torch.randn(rows, 256), torch.randn(samples, 8, 256),
+        torch.randn(samples, 256), qw, w_scale, bias, w_sum)
+    placeholders = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
+    row_symbols = {placeholders[0].shape[0].node.expr, placeholders[4].shape[0].node.expr}
+    assert all(isinstance(size, torch.SymInt) for size in (placeholders[0].shape[0], placeholders[4].shape[0]))
+    outputs = [arg.meta["val"] for arg in graph.graph.output_node().args[0]]
+    assert [tuple(t.shape[1:]) for t in outputs] == [(40,), (256,), (1,), (1,), (256,), (4,), (4,), (8, 256),
+                                                      (8, 1), (8, 1)]
+    assert outputs[0].dtype == torch.bfloat16
+    shape_env = placeholders[0].shape[0].node.shape_env
+    row_guards = [str(guard.expr) for guard in shape_env.guards if guard.expr.free_symbols & row_symbols]
+    assert row_guards == []
     names = [getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, _ in launches]
     assert names == ["_int_gemm_kernel", "_quantize_act_kernel", "_quantize_act_kernel", "_ln_modulate_quantize_kernel"]
+
+
+@interp
+def test_interp_small_rows_config_serves_more_rows() -> None:
+    """The weight-streaming config chosen for 16 rows, run at 70 (a dynamic-batch compile keeps the config
+    of its first batch): bit for bit the reference's."""
+    config = choose_gemm_config(16, 48, 64, 0, torch.device("cpu"))
+    assert config.swap_ab and config.block_m == 16
+    for w_bits in (8, 4):
+        _check_int_linear(70, 64, 48, w_bits, 0, False, torch.bfloat16, "cpu", config=config)
 
 
 # ---------------------------------------------------------------- CUDA tests (DiT-XL/2 shapes)

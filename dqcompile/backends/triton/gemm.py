@@ -370,6 +370,21 @@ _MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {
 }
 
 
+def size_hint(size: int | torch.SymInt, fallback: int = 4096) -> int:
+    """A size's value for a tuning decision, read without adding a guard when it is symbolic.
+
+    Tile configs and grid sizes are choices, not conditions of correctness (every config computes every
+    M), so deciding them from the first call's row count instead of comparing the symbolic M keeps a
+    dynamic-batch compile valid for every batch: comparisons would guard on M's bucket, and a second
+    batch size would recompile the whole model (on an H200, longer than the first compile).
+    `fallback` serves sizes with no hint (unbacked).
+    """
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else fallback
+    return int(size)
+
+
 def _m_bucket(m: int) -> int:
     return 16 if m <= 16 else 64 if m <= 64 else 4096 if m <= 8192 else 16384
 
@@ -398,12 +413,14 @@ def gemm_candidate_configs(m: int, group_size: int, *, w_int4: bool = False) -> 
 
 def choose_gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device, *,
                        w_int4: bool = False) -> GemmConfig:
-    """The tile config for an [M, K] x [N, K] GEMM, from static shapes only (traceable).
+    """The tile config for an [M, K] x [N, K] GEMM, from static shapes only (traceable; a symbolic M by
+    its hint, see `size_hint`).
 
     The measured table first (the DiT-XL/2 shapes); otherwise the first candidate, which the sweep measured
     fastest on every DiT shape of its M range. (`_launch` lowers the pipeline depth where the output tile
     would not fit in shared memory, e.g. float32 or int32 outputs.)
     """
+    m = size_hint(m)
     measured = _MEASURED.get((_m_bucket(m), int(n), int(k), w_int4)) if group_size == 0 else None
     if measured is not None:
         return measured
@@ -497,7 +514,8 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         raise ValueError(f"config {config} asks for TMA, which these operands or this device do not allow")
     if use_tma and not INTERPRETING:
         _ensure_allocator()
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    # The persistent programs stride over the tiles, so any count is correct; sized from M's hint.
+    tiles = triton.cdiv(size_hint(m), config.block_m) * triton.cdiv(n, config.block_n)
     programs = max(1, min(tiles, config.num_programs or config.ctas_per_sm * _sm_count(qx.device)))
     # Unused pointer arguments get a live tensor so the signature stays fixed; the flags skip them.
     placeholder = out

@@ -29,8 +29,9 @@ the fc2 input of a DiT block, which otherwise makes a round trip through memory 
 aten's formula in float32, rounded to the input dtype as aten's output is, so the codes are those of
 `quantize_act(gelu(x))` (see `gelu_quantize` for how exact that is).
 
-Tiles are 3-D [rows, groups, group length], padded to powers of two and masked, so one layout serves
-per-token (one group of length C) and per-group quantization, and any C (1152 is not a power of two).
+Tiles are 3-D [rows, groups, group length], so one layout serves per-token (one group of length C) and
+per-group quantization. A row is held in two power-of-two segments (`_row_segments`: 4,608 = 4,096 + 512),
+masked, so any C is served with little padding.
 
 The launchers are traceable by `torch.library.triton_op`: shapes, strides and dtypes decide everything,
 outputs are allocated inside, and kernels launch through `torch.library.wrap_triton`.
@@ -100,35 +101,78 @@ def _gelu(x, PRE_OP: tl.constexpr):
 
 
 @triton.jit
-def _quantize_groups(h, valid, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Quantize float32 h [R, G, L] group-wise along the last axis (padding masked out by `valid`).
+def _segment(G0: tl.constexpr, L0: tl.constexpr, SEG_G: tl.constexpr, SEG_L: tl.constexpr,
+             NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr):
+    """Column offsets [1, SEG_G, SEG_L] of a row segment (groups G0.. and lanes L0.. of each group) and the
+    mask of those inside the row."""
+    offs_g = G0 + tl.arange(0, SEG_G)
+    offs_l = L0 + tl.arange(0, SEG_L)
+    cols = offs_g[None, :, None] * GROUP_LEN + offs_l[None, None, :]
+    in_row = (offs_g < NUM_GROUPS)[None, :, None] & (offs_l < GROUP_LEN)[None, None, :]
+    return cols, in_row
 
-    Codes are clamped while still float, so the int conversion never sees an out-of-range value (an
-    all-but-zero group divided by MIN_SCALE); padding lanes of h must be finite (the caller drops them).
 
-    Returns (int32 codes [R, G, L], float32 scale [R, G], int32 zero [R, G]).
-    """
+@triton.jit
+def _group_range(h, valid, SYMMETRIC: tl.constexpr):
+    """(lo, hi) [R, G] of float32 h [R, G, L] over its valid lanes, widened to hold 0 (then 0 is exact).
+    Symmetric: (0, max |h|)."""
     if SYMMETRIC:
-        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-        amax = tl.max(tl.where(valid, tl.abs(h), 0.0), axis=2)
-        scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), _MIN_SCALE)
-        codes = _round_half_even(tl.math.div_rn(h, scale[:, :, None]))
-        codes = tl.minimum(tl.maximum(codes, -QMAX), QMAX).to(tl.int32)
+        hi = tl.max(tl.where(valid, tl.abs(h), 0.0), axis=2)
+        lo = tl.zeros(hi.shape, dtype=tl.float32)
+    else:
+        lo = tl.minimum(tl.min(tl.where(valid, h, 0.0), axis=2), 0.0)
+        hi = tl.maximum(tl.max(tl.where(valid, h, 0.0), axis=2), 0.0)
+    return lo, hi
+
+
+@triton.jit
+def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """float32 scale and int32 zero point [R, G] of groups whose range `_group_range` gave."""
+    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(hi, tl.full(hi.shape, QMAX, tl.float32)), _MIN_SCALE)
         zero = tl.zeros(scale.shape, dtype=tl.int32)
     else:
         QMIN: tl.constexpr = -(1 << (BITS - 1))
-        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-        # The range always holds 0 (then 0 is exact); padding lanes, set to 0, cannot widen it.
-        lo = tl.minimum(tl.min(tl.where(valid, h, 0.0), axis=2), 0.0)
-        hi = tl.maximum(tl.max(tl.where(valid, h, 0.0), axis=2), 0.0)
-        levels = tl.full(lo.shape, QMAX - QMIN, tl.float32)
-        scale = tl.maximum(tl.math.div_rn(hi - lo, levels), _MIN_SCALE)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX - QMIN, tl.float32)), _MIN_SCALE)
         # lo <= 0 <= hi puts round(lo / scale) in [-(2^b - 1), 0], so the zero point is in [QMIN, QMAX].
-        zero = QMIN - _round_half_even(tl.math.div_rn(lo, scale))
-        codes = _round_half_even(tl.math.div_rn(h, scale[:, :, None])) + zero[:, :, None]
-        codes = tl.minimum(tl.maximum(codes, QMIN), QMAX).to(tl.int32)
-        zero = zero.to(tl.int32)
-    return codes, scale, zero
+        zero = (QMIN - _round_half_even(tl.math.div_rn(lo, scale))).to(tl.int32)
+    return scale, zero
+
+
+@triton.jit
+def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, valid, scale, zero,
+                   G0: tl.constexpr, SEG_G: tl.constexpr, NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr,
+                   BITS: tl.constexpr, STORE_H: tl.constexpr):
+    """Codes of float32 h [R, G, L] (a row segment) into the contiguous [rows, C] int8 output, and the
+    segment's group scales and zero points [R, G] into theirs.
+
+    Codes are clamped while still float, so the integer conversion never sees an out-of-range value (an
+    all-but-zero group divided by MIN_SCALE); padding lanes of h must be finite (their codes are dropped).
+    """
+    QMIN: tl.constexpr = -(1 << (BITS - 1))
+    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    codes = _round_half_even(tl.math.div_rn(h, scale[:, :, None])) + zero[:, :, None].to(tl.float32)
+    codes = tl.minimum(tl.maximum(codes, QMIN), QMAX)
+    offs = rows[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols
+    tl.store(q_ptr + offs, codes.to(tl.int8), mask=valid)
+    if STORE_H:
+        tl.store(h_ptr + offs, h, mask=valid)
+    groups = G0 + tl.arange(0, SEG_G)
+    group_offs = rows[:, None] * NUM_GROUPS + groups[None, :]
+    group_ok = row_ok[:, None] & (groups < NUM_GROUPS)[None, :]
+    tl.store(scale_ptr + group_offs, scale, mask=group_ok)
+    tl.store(zero_ptr + group_offs, zero, mask=group_ok)
+
+
+@triton.jit
+def _load_activation(x_ptr, rows, stride_xr, cols, valid, PRE_OP: tl.constexpr):
+    """A row segment of x as float32; PRE_OP 1 / 2 apply aten.gelu (approximate "none" / "tanh") in
+    float32, rounded to x's dtype first as aten's output is (padding lanes: gelu(0) = 0)."""
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xr + cols, mask=valid, other=0.0)
+    if PRE_OP != 0:
+        x = round_to(_gelu(x.to(tl.float32), PRE_OP), x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -136,33 +180,63 @@ def _quantize_act_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, h_ptr,
     R, stride_xr,
     NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PRE_OP: tl.constexpr, STORE_H: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRE_OP: tl.constexpr, STORE_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    A_G: tl.constexpr, A_L: tl.constexpr, B_G0: tl.constexpr, B_L0: tl.constexpr, B_G: tl.constexpr,
+    B_L: tl.constexpr,
 ):
     """BLOCK_R rows of x [R, NUM_GROUPS * GROUP_LEN] -> codes (contiguous [R, C]), scale / zero [R, G].
 
-    PRE_OP 0 quantizes x itself; 1 / 2 quantize aten.gelu(x) (approximate "none" / "tanh"), computed in
-    float32 and rounded to x's dtype first, as aten's output is.
+    A row is held as two segments, A (A_G x A_L lanes) and B (B_G x B_L from group B_G0, lane B_L0; none
+    when B_G is 0), so that a row whose length is not a power of two pads little (see `_row_segments`).
+    PRE_OP 0 quantizes x itself; 1 / 2 quantize aten.gelu(x) (see `_load_activation`).
     """
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_l = tl.arange(0, BLOCK_L)
-    cols = offs_g[None, :, None] * GROUP_LEN + offs_l[None, None, :]
-    valid = ((offs_r < R)[:, None, None] & (offs_g < NUM_GROUPS)[None, :, None]
-             & (offs_l < GROUP_LEN)[None, None, :])
-    x = tl.load(x_ptr + offs_r[:, None, None] * stride_xr + cols, mask=valid, other=0.0)
-    if PRE_OP != 0:
-        x = round_to(_gelu(x.to(tl.float32), PRE_OP), x_ptr.dtype.element_ty)  # padding lanes: gelu(0) = 0
-    x = x.to(tl.float32)
-    codes, scale, zero = _quantize_groups(x, valid, BITS, SYMMETRIC)
-    row_offs = offs_r[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols
-    tl.store(q_ptr + row_offs, codes.to(tl.int8), mask=valid)
-    if STORE_H:
-        tl.store(h_ptr + row_offs, x, mask=valid)
-    group_offs = offs_r[:, None] * NUM_GROUPS + offs_g[None, :]
-    group_valid = (offs_r < R)[:, None] & (offs_g < NUM_GROUPS)[None, :]
-    tl.store(scale_ptr + group_offs, scale, mask=group_valid)
-    tl.store(zero_ptr + group_offs, zero, mask=group_valid)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    cols_a, in_row_a = _segment(0, 0, A_G, A_L, NUM_GROUPS, GROUP_LEN)
+    valid_a = row_ok[:, None, None] & in_row_a
+    h_a = _load_activation(x_ptr, rows, stride_xr, cols_a, valid_a, PRE_OP)
+    lo_a, hi_a = _group_range(h_a, valid_a, SYMMETRIC)
+    if B_G > 0:
+        cols_b, in_row_b = _segment(B_G0, B_L0, B_G, B_L, NUM_GROUPS, GROUP_LEN)
+        valid_b = row_ok[:, None, None] & in_row_b
+        h_b = _load_activation(x_ptr, rows, stride_xr, cols_b, valid_b, PRE_OP)
+        lo_b, hi_b = _group_range(h_b, valid_b, SYMMETRIC)
+        if NUM_GROUPS == 1:  # one group split over both segments: one range
+            lo_a = tl.minimum(lo_a, lo_b)
+            hi_a = tl.maximum(hi_a, hi_b)
+            lo_b, hi_b = lo_a, hi_a
+        scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
+        _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_b, cols_b, valid_b, scale_b, zero_b,
+                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+    scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
+    _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, scale_a, zero_a,
+                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+
+
+@triton.jit
+def _modulate_segment(x, mean, rstd, cols, in_row, valid, sample, offs_t,
+                      ln_weight_ptr, ln_bias_ptr, mod_scale_ptr, mod_shift_ptr,
+                      stride_msb, stride_mst, stride_msc, stride_mhb, stride_mht, stride_mhc,
+                      HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr, MOD_PER_TOKEN: tl.constexpr):
+    """LayerNorm (given the rows' mean and rstd) and h * (1 + scale) + shift of a row segment, float32."""
+    h = tl.where(valid, x - mean[:, None, None], 0.0) * rstd[:, None, None]
+    if HAS_LN_WEIGHT:
+        h = h * tl.load(ln_weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_LN_BIAS:
+        h = h + tl.load(ln_bias_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    # Per-sample modulation (the usual adaLN case) is loaded once per program and broadcast over tokens.
+    if MOD_PER_TOKEN:
+        mod_scale_offs = sample * stride_msb + offs_t[:, None, None] * stride_mst + cols * stride_msc
+        mod_shift_offs = sample * stride_mhb + offs_t[:, None, None] * stride_mht + cols * stride_mhc
+        mod_mask = valid
+    else:
+        mod_scale_offs = sample * stride_msb + cols * stride_msc
+        mod_shift_offs = sample * stride_mhb + cols * stride_mhc
+        mod_mask = in_row
+    mod_scale = tl.load(mod_scale_ptr + mod_scale_offs, mask=mod_mask, other=0.0).to(tl.float32)
+    mod_shift = tl.load(mod_shift_ptr + mod_shift_offs, mask=mod_mask, other=0.0).to(tl.float32)
+    # Padding lanes stay 0 (a broadcast shift would make them nonzero), as _group_range expects.
+    return tl.where(valid, h * (1.0 + mod_scale) + mod_shift, 0.0)
 
 
 @triton.jit
@@ -175,74 +249,97 @@ def _ln_modulate_quantize_kernel(
     stride_mhb, stride_mht, stride_mhc,
     NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr, MOD_PER_TOKEN: tl.constexpr,
-    STORE_H: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+    STORE_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    A_G: tl.constexpr, A_L: tl.constexpr, B_G0: tl.constexpr, B_L0: tl.constexpr, B_G: tl.constexpr,
+    B_L: tl.constexpr,
 ):
-    """BLOCK_T tokens of sample b: LayerNorm, h * (1 + scale) + shift, quantize; outputs are [B, T, ...]."""
+    """BLOCK_T tokens of sample b: LayerNorm, h * (1 + scale) + shift, quantize; outputs are [B, T, ...].
+    Rows are held in two segments as in `_quantize_act_kernel`."""
     C: tl.constexpr = NUM_GROUPS * GROUP_LEN
     sample = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_l = tl.arange(0, BLOCK_L)
-    cols = offs_g[None, :, None] * GROUP_LEN + offs_l[None, None, :]
-    col_valid = (offs_g < NUM_GROUPS)[None, :, None] & (offs_l < GROUP_LEN)[None, None, :]
-    valid = (offs_t < T)[:, None, None] & col_valid
+    t_ok = offs_t < T
+    rows = sample * T + offs_t
+    x_base = x_ptr + sample * stride_xb + offs_t[:, None, None] * stride_xt
 
-    x = tl.load(x_ptr + sample * stride_xb + offs_t[:, None, None] * stride_xt + cols,
-                mask=valid, other=0.0).to(tl.float32)
     # Two-pass mean / variance from registers: the row is loaded once.
-    mean = tl.sum(tl.sum(x, axis=2), axis=1) / C
-    centered = tl.where(valid, x - mean[:, None, None], 0.0)
-    var = tl.sum(tl.sum(centered * centered, axis=2), axis=1) / C
+    cols_a, in_row_a = _segment(0, 0, A_G, A_L, NUM_GROUPS, GROUP_LEN)
+    valid_a = t_ok[:, None, None] & in_row_a
+    x_a = tl.load(x_base + cols_a, mask=valid_a, other=0.0).to(tl.float32)
+    total = tl.sum(tl.sum(x_a, axis=2), axis=1)
+    if B_G > 0:
+        cols_b, in_row_b = _segment(B_G0, B_L0, B_G, B_L, NUM_GROUPS, GROUP_LEN)
+        valid_b = t_ok[:, None, None] & in_row_b
+        x_b = tl.load(x_base + cols_b, mask=valid_b, other=0.0).to(tl.float32)
+        total += tl.sum(tl.sum(x_b, axis=2), axis=1)
+    mean = total / C
+    centered_a = tl.where(valid_a, x_a - mean[:, None, None], 0.0)
+    squares = tl.sum(tl.sum(centered_a * centered_a, axis=2), axis=1)
+    if B_G > 0:
+        centered_b = tl.where(valid_b, x_b - mean[:, None, None], 0.0)
+        squares += tl.sum(tl.sum(centered_b * centered_b, axis=2), axis=1)
+    var = squares / C
     # eps to float32 first, as aten's LayerNorm does: Inductor passes a Python float argument that
     # torch.compile did not specialise as a float64 scalar, and float64 would reach sqrt_rn.
     rstd = tl.math.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + tl.cast(eps, tl.float32)))
-    h = centered * rstd[:, None, None]
-    if HAS_LN_WEIGHT:
-        h = h * tl.load(ln_weight_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
-    if HAS_LN_BIAS:
-        h = h + tl.load(ln_bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
 
-    # Per-sample modulation (the usual adaLN case) is loaded once per program and broadcast over tokens.
-    if MOD_PER_TOKEN:
-        mod_scale_offs = sample * stride_msb + offs_t[:, None, None] * stride_mst + cols * stride_msc
-        mod_shift_offs = sample * stride_mhb + offs_t[:, None, None] * stride_mht + cols * stride_mhc
-        mod_mask = valid
-    else:
-        mod_scale_offs = sample * stride_msb + cols * stride_msc
-        mod_shift_offs = sample * stride_mhb + cols * stride_mhc
-        mod_mask = col_valid
-    mod_scale = tl.load(mod_scale_ptr + mod_scale_offs, mask=mod_mask, other=0.0).to(tl.float32)
-    mod_shift = tl.load(mod_shift_ptr + mod_shift_offs, mask=mod_mask, other=0.0).to(tl.float32)
-    # Padding lanes stay 0 (a broadcast shift would make them nonzero), as _quantize_groups expects.
-    h = tl.where(valid, h * (1.0 + mod_scale) + mod_shift, 0.0)
-
-    codes, scale, zero = _quantize_groups(h, valid, BITS, SYMMETRIC)
-    row_offs = (sample * T + offs_t)[:, None, None] * C + cols
-    tl.store(q_ptr + row_offs, codes.to(tl.int8), mask=valid)
-    if STORE_H:
-        tl.store(h_ptr + row_offs, h, mask=valid)
-    group_offs = (sample * T + offs_t)[:, None] * NUM_GROUPS + offs_g[None, :]
-    group_valid = (offs_t < T)[:, None] & (offs_g < NUM_GROUPS)[None, :]
-    tl.store(scale_ptr + group_offs, scale, mask=group_valid)
-    tl.store(zero_ptr + group_offs, zero, mask=group_valid)
+    h_a = _modulate_segment(x_a, mean, rstd, cols_a, in_row_a, valid_a, sample, offs_t,
+                            ln_weight_ptr, ln_bias_ptr, mod_scale_ptr, mod_shift_ptr,
+                            stride_msb, stride_mst, stride_msc, stride_mhb, stride_mht, stride_mhc,
+                            HAS_LN_WEIGHT, HAS_LN_BIAS, MOD_PER_TOKEN)
+    lo_a, hi_a = _group_range(h_a, valid_a, SYMMETRIC)
+    if B_G > 0:
+        h_b = _modulate_segment(x_b, mean, rstd, cols_b, in_row_b, valid_b, sample, offs_t,
+                                ln_weight_ptr, ln_bias_ptr, mod_scale_ptr, mod_shift_ptr,
+                                stride_msb, stride_mst, stride_msc, stride_mhb, stride_mht, stride_mhc,
+                                HAS_LN_WEIGHT, HAS_LN_BIAS, MOD_PER_TOKEN)
+        lo_b, hi_b = _group_range(h_b, valid_b, SYMMETRIC)
+        if NUM_GROUPS == 1:  # one group split over both segments: one range
+            lo_a = tl.minimum(lo_a, lo_b)
+            hi_a = tl.maximum(hi_a, hi_b)
+            lo_b, hi_b = lo_a, hi_a
+        scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
+        _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_b, cols_b, valid_b, scale_b, zero_b,
+                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+    scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
+    _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_a, cols_a, valid_a, scale_a, zero_a,
+                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
 
 
-def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int, int, int]:
-    """(num_groups, group_len, BLOCK_G, BLOCK_L) for the last dim, after validating the arguments."""
+def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int]:
+    """(num_groups, group_len) of the last dim, after validating the arguments."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8] for int8 containers, got {bits}")
     if group_size < 0 or (group_size and channels % group_size):
         raise ValueError(f"group_size {group_size} must be 0 or divide the last dim {channels}")
     group_len = group_size or channels
-    num_groups = channels // group_len
-    return num_groups, group_len, triton.next_power_of_2(num_groups), triton.next_power_of_2(group_len)
+    return channels // group_len, group_len
 
 
-def _rows_per_program(block_g: int, block_l: int) -> tuple[int, int]:
-    """(rows per program, num_warps): about _TILE_ELEMENTS elements per program."""
-    row_elements = block_g * block_l
+def _row_segments(num_groups: int, group_len: int) -> dict[str, int]:
+    """The two segments a row is held in (the kernels' A_* and B_* constexprs), each a power-of-two tile.
+
+    One tile padded to the next power of two would waste up to half its lanes, and every lane of the
+    fc2 input ([., 4608] padded to 8,192) runs a GELU and a division: on an H200 that kernel took 4x
+    aten's GELU alone. Instead A is the largest power of two that fits and B the power of two that covers
+    the rest: 4,608 = 4,096 + 512 and 1,152 = 1,024 + 128 exactly. Per token (one group) the split is along
+    the lanes and the kernels merge the two segments' ranges; per group it is along the groups, each group
+    a power-of-two tile of lanes.
+    """
+    along, lanes = (group_len, 1) if num_groups == 1 else (num_groups, triton.next_power_of_2(group_len))
+    first = 1 << (along.bit_length() - 1)
+    rest = along - first
+    second = triton.next_power_of_2(rest) if rest else 0
+    if num_groups == 1:
+        return dict(A_G=1, A_L=first, B_G0=0, B_L0=first, B_G=1 if rest else 0, B_L=second)
+    return dict(A_G=first, A_L=lanes, B_G0=first, B_L0=0, B_G=second, B_L=lanes)
+
+
+def _rows_per_program(segments: dict[str, int]) -> tuple[int, int]:
+    """(rows per program, a power of two; num_warps): about _TILE_ELEMENTS elements per program."""
+    row_elements = segments["A_G"] * segments["A_L"] + segments["B_G"] * segments["B_L"]
     rows = max(1, _TILE_ELEMENTS // row_elements)
+    rows = 1 << (rows.bit_length() - 1)
     return rows, 8 if rows * row_elements >= 4096 else 4
 
 
@@ -251,7 +348,7 @@ def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     """Launch `_quantize_act_kernel` over the rows of x's last dim; returns (q, scale, zero[, h])."""
     require_kernel_device(x)
     channels = x.shape[-1]
-    num_groups, group_len, block_g, block_l = _group_layout(channels, group_size, bits)
+    num_groups, group_len = _group_layout(channels, group_size, bits)
     leading = tuple(x.shape[:-1])
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty((*leading, num_groups), dtype=torch.float32, device=x.device)
@@ -262,12 +359,12 @@ def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         rows = x2.shape[0]
-        block_r, num_warps = _rows_per_program(block_g, block_l)
+        segments = _row_segments(num_groups, group_len)
+        block_r, num_warps = _rows_per_program(segments)
         launcher(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
             x2, q, scale, zero, h if h is not None else q, rows, x2.stride(0),
             NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
-            PRE_OP=pre_op, STORE_H=store_h,
-            BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=num_warps,
+            PRE_OP=pre_op, STORE_H=store_h, BLOCK_R=block_r, **segments, num_warps=num_warps,
         )
     return (q, scale, zero) + ((h,) if store_h else ())
 
@@ -340,7 +437,7 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, C] or [T, C], got {tuple(x.shape)}")
     batch, tokens, channels = x.shape
-    num_groups, group_len, block_g, block_l = _group_layout(channels, group_size, bits)
+    num_groups, group_len = _group_layout(channels, group_size, bits)
     for name, param in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if param is not None and param.shape != (channels,):
             raise ValueError(f"{name} must be [{channels}], got {tuple(param.shape)}")
@@ -356,7 +453,8 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     x_zero = torch.empty((batch, tokens, num_groups), dtype=torch.int32, device=x.device)
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if return_normalized else None
     if q.numel() != 0:
-        block_t, num_warps = _rows_per_program(block_g, block_l)
+        segments = _row_segments(num_groups, group_len)
+        block_t, num_warps = _rows_per_program(segments)
         launcher(_ln_modulate_quantize_kernel)[(triton.cdiv(tokens, block_t), batch)](
             x,
             ln_weight if ln_weight is not None else x,
@@ -369,8 +467,7 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
             NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
             HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
             MOD_PER_TOKEN=mod_scale.stride(1) != 0 or mod_shift.stride(1) != 0,
-            STORE_H=return_normalized,
-            BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=num_warps,
+            STORE_H=return_normalized, BLOCK_T=block_t, **segments, num_warps=num_warps,
         )
     outputs = (q, x_scale, x_zero) + ((h,) if return_normalized else ())
     if squeeze:
