@@ -28,7 +28,7 @@ Timing, one method for every variant: CUDA events around N consecutive calls (no
 them, as a sampler runs its steps), ms per call, median of 5 such runs. Figures per variant and row
 count: ms per step as a user calls it; the same step captured once as a CUDA graph and its replays timed
 the same way (what the GPU alone needs); host ms (the CPU's time to issue one step, the GPU idle
-before); the first call (compile) in seconds; weight memory (every parameter and buffer, tensor
+before); the first call (compile) in seconds, with torch.compile's own phase times; weight memory (every parameter and buffer, tensor
 subclasses by their inner tensors); the relative L2 error of the output against the bf16 model's; and a
 per-kernel-class breakdown of GPU time (GEMM, quantize, attention, other) from torch.profiler. Compiled
 dqcompile and bf16 variants mark the batch dimension dynamic, so one compile serves both row counts.
@@ -297,6 +297,8 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
         output = step(batch)
         synchronize(device)
         figures: dict[str, Any] = {"first_call_s": round(time.perf_counter() - start, 1)}
+        if compiling:
+            figures["compile_phases_s"] = compile_phases()
         if index == 0:
             error = (output.float() - reference).norm() / reference.norm()
             result["rel_l2_vs_bf16"] = float(error)
@@ -319,6 +321,14 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
     if backend_log:
         result["backend_log"] = backend_log
     return result
+
+
+def compile_phases() -> dict[str, float]:
+    """Seconds spent so far in each timed phase of torch.compile (dynamo's `dynamo_timed` metrics: tracing,
+    AOT, Inductor codegen, waiting for kernel compiles, ...), summed over compiles: where a slow compile goes."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: round(sum(times), 2) for name, times in compilation_time_metrics.items() if sum(times) >= 0.05}
 
 
 def _collect_backend_log() -> list[str]:

@@ -9,8 +9,11 @@
 # Settings (environment):
 #   SESSION_SECONDS  the whole call (default 555)
 #   VARIANTS         bench_dit variants, in order
-#   STEP_STAGES      space-separated model:rows:samples:seconds of evaluate.py row sets of float rows
-#                    (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them)
+#   FUSED_BENCH      set: time the fused quantizers first (bench_gemm.py's fused cases, GPU 1)
+#   STEP_STAGES      space-separated model:rows:samples:seconds[:seeds] of evaluate.py row sets run with one
+#                    batch (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them;
+#                    e.g. "embedded:noise:5000:200:0,1,2" for the noise band); EVAL_FLAGS adds flags
+#                    (e.g. --compile: the quantized rows on the fast path)
 #   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
 #                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
 #   TEST_SECONDS, TEST_FILTER  the CUDA tests' time limit (default 200) and a pytest -k expression
@@ -36,11 +39,15 @@ quality() {
     timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_kernels.py \
         tests/test_compile_backend.py tests/test_reference_ops.py -rfE ${TEST_FILTER:+-k "$TEST_FILTER"} \
         > "$OUT/gpu_tests_h200.log" 2>&1
+    if [ -n "${FUSED_BENCH:-}" ]; then  # the fused quantizers alone (bench_gemm's fused cases), about 20 s
+        timeout 120 python3 benchmarks/bench_gemm.py --out "$OUT/quantizers_h200.json" --layers "" \
+            > "$OUT/quantizers_h200.log" 2>&1
+    fi
     for entry in ${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}; do
-        IFS=: read -r model rows samples seconds <<< "$entry"
+        IFS=: read -r model rows samples seconds seeds <<< "$entry"
         timeout $(( seconds + 15 )) python3 benchmarks/evaluate.py --model "$model" --rows "$rows" --samples "$samples" \
-            --seeds 0 --dtype bfloat16 --batch-size "$samples" --metrics fid,kid,prc,accuracy \
-            --budget-seconds "$seconds" --out "$OUT/${rows}_$model.json" > "$OUT/${rows}_$model.log" 2>&1
+            --seeds "${seeds:-0}" --dtype bfloat16 --batch-size "$samples" --metrics fid,kid,prc,accuracy,psnr \
+            ${EVAL_FLAGS:-} --budget-seconds "$seconds" --out "$OUT/${rows}_$model.json" > "$OUT/${rows}_$model.log" 2>&1
     done
     read -r -a stages <<< "${METHOD_STAGES:-embedded:methods-1:2000 benchmark:methods-1:2000}"
     remaining=${#stages[@]}
