@@ -33,7 +33,7 @@ subclasses by their inner tensors); the relative L2 error of the output against 
 per-kernel-class breakdown of GPU time (GEMM, quantize, attention, other) from torch.profiler. Compiled
 dqcompile and bf16 variants mark the batch dimension dynamic, so one compile serves both row counts.
 
-Each variant runs in its own subprocess, under a time limit (the rest of --budget-s, at most
+Each variant runs in its own subprocess (with --gpus, pinned to its GPU's share of the CPU cores), under a time limit (the rest of --budget-s, at most
 --variant-timeout-s), so a compile that hangs or fails costs only its own figures. Progress goes to
 stdout as it happens; the JSON file (--out) is rewritten after every variant, with the run's device,
 date and commit (bench_common.run_metadata), and a Markdown table for the README is printed at the end.
@@ -42,9 +42,12 @@ date and commit (bench_common.run_metadata), and a Markdown table for the README
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import logging
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -77,6 +80,9 @@ COMPILED = {"compile", "compile_ro", "dqcompile_w8a8", "dqcompile_w8a8_ro", "dqc
 STATIC_SHAPES = {"torchao_fp8", "torchao_int8"}
 # Consecutive calls per timed run, and runs per figure (the median is reported).
 CALLS_PER_RUN, RUNS = 20, 5
+# --profile-compile (passed to the workers as this variable): cProfile each compiling first call; it slows
+# the compile, so its first-call seconds are not the compile time of other runs.
+PROFILE_COMPILE = os.environ.get("BENCH_DIT_PROFILE_COMPILE") == "1"
 # A variant is not started with less time left than this: a DiT-XL/2 compile alone takes about a minute.
 MIN_VARIANT_S = 45.0
 
@@ -293,12 +299,19 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
         # Said before the call: a variant stopped at its time limit shows it was compiling.
         compiling = variant in COMPILED and (index == 0 or variant in STATIC_SHAPES)
         log(f"{variant}: {rows} rows: first call" + (" (compiling)" if compiling else ""))
+        profiler = cProfile.Profile() if compiling and PROFILE_COMPILE else None
         start = time.perf_counter()
+        if profiler:
+            profiler.enable()
         output = step(batch)
         synchronize(device)
+        if profiler:
+            profiler.disable()
         figures: dict[str, Any] = {"first_call_s": round(time.perf_counter() - start, 1)}
         if compiling:
             figures["compile_phases_s"] = compile_phases()
+        if profiler:
+            figures["compile_profile"] = profile_text(profiler)
         if index == 0:
             error = (output.float() - reference).norm() / reference.norm()
             result["rel_l2_vs_bf16"] = float(error)
@@ -321,6 +334,19 @@ def run_model_variant(variant: str, config: dict, rows_list: list[int], device: 
     if backend_log:
         result["backend_log"] = backend_log
     return result
+
+
+def profile_text(profiler: cProfile.Profile, top: int = 45) -> str:
+    """The functions of a profiled first call with the most cumulative and the most own time, as text."""
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("cumulative").print_stats(top)
+    # The calls a compile of the quantized model adds: user-kernel analysis (TTIR), Triton and Inductor
+    # compiles, dqcompile's own passes.
+    stats.print_stats("triton_kernel_wrap|ttir|dqcompile|async_compile|codecache|triton/compiler|autotun|"
+                      "compile_fx|lowering|scheduler|wrapper", top)
+    stats.sort_stats("tottime").print_stats(top // 2)
+    return stream.getvalue()
 
 
 def compile_phases() -> dict[str, float]:
@@ -369,6 +395,19 @@ def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -
     result_path.write_text(json.dumps(result))
 
 
+def cpu_share(gpu: str | None, gpus: str | None) -> set[int] | None:
+    """The CPU cores of the variant on `gpu` when variants run side by side on several GPUs: the cores split
+    evenly, so that one variant's compile does not slow the other's host-side timings (unpinned, a compile
+    beside a timed step raised bf16 compile's host time from 10.0 to 16.4 ms on an H200 host)."""
+    if gpu is None or not gpus:
+        return None
+    order = gpus.split(",")
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // len(order)
+    index = order.index(gpu)
+    return set(cores[index * share:(index + 1) * share]) or None
+
+
 def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[int], timeout_s: float,
                         gpu: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
@@ -376,9 +415,11 @@ def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[
         command = [sys.executable, __file__, "--worker", variant, "--result", str(result_path),
                    "--images", ",".join(str(rows // 2) for rows in rows_list)] + (["--quick"] if args.quick else [])
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        cpus = cpu_share(gpu, args.gpus)
         start = time.perf_counter()
         try:
-            completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT, env=env)
+            completed = subprocess.run(command, timeout=timeout_s, cwd=REPO_ROOT, env=env,
+                                       preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         except subprocess.TimeoutExpired:
             note = f"stopped after {timeout_s:.0f} s (time limit)"
             if result_path.exists():  # the row counts finished before the limit
@@ -423,11 +464,15 @@ def main() -> None:
     parser.add_argument("--variant-timeout-s", type=float, default=300.0, help="time limit of one variant")
     parser.add_argument("--gpus", default=None,
                         help="GPU indices to run variants on side by side, one variant per GPU at a time (e.g. 0,1)")
+    parser.add_argument("--profile-compile", action="store_true",
+                        help="cProfile each compiling first call (top functions in the JSON; slows the compile)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     images = [int(n) for n in (args.images or ("1,2" if args.quick else "8,32")).split(",")]
     rows_list = [2 * n for n in images]
+    if args.profile_compile:
+        os.environ["BENCH_DIT_PROFILE_COMPILE"] = "1"  # the workers read it at import
     if args.worker:
         worker(args.worker, args.quick, rows_list, args.result)
         return

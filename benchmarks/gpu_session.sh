@@ -8,7 +8,7 @@
 #     COMMIT=<hash> bash benchmarks/gpu_session.sh
 # Settings (environment):
 #   SESSION_SECONDS  the whole call (default 555)
-#   VARIANTS         bench_dit variants, in order
+#   VARIANTS         bench_dit variants, in order ("" skips bench_dit); BENCH_GPUS: see below
 #   FUSED_BENCH      set: time the fused quantizers first (bench_gemm.py's fused cases, GPU 1)
 #   STEP_STAGES      space-separated model:rows:samples:seconds[:seeds] of evaluate.py row sets run with one
 #                    batch (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them;
@@ -16,6 +16,7 @@
 #                    (e.g. --compile: the quantized rows on the fast path)
 #   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
 #                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
+#   STEP_STAGES0, METHOD_STAGES0  with VARIANTS="": the same for GPU 0 (into $OUT/gpu0)
 #   TEST_SECONDS, TEST_FILTER  the CUDA tests' time limit (default 200) and a pytest -k expression
 #   PROTOCOL         sampler flags of the method rows (default: docs/quality.md's protocol)
 set -uo pipefail
@@ -27,29 +28,46 @@ source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 tail -1 "$OUT/setup.log"
 nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv >> "$OUT/setup.log"
 
+# Bench and quality work side by side get half the CPU cores each: a compile or a test run beside a timed
+# step otherwise inflates its host time (see bench_dit.cpu_share). BENCH_GPUS=0,1 gives bench_dit both GPUs
+# (its variants side by side, each on its GPU's half of the cores) and skips the quality work.
+CORES=$(nproc)
+LOWER="0-$(( CORES / 2 - 1 ))"
+UPPER="$(( CORES / 2 ))-$(( CORES - 1 ))"
+BENCH_GPUS=${BENCH_GPUS:-0}
+
 bench() {
-    export CUDA_VISIBLE_DEVICES=0
-    timeout $(( $(left) - 10 )) python3 benchmarks/bench_dit.py --out "$OUT/dit_h200.json" \
+    [ -n "${VARIANTS-x}" ] || return 0
+    local pin=(taskset -c "$LOWER")
+    [ "$BENCH_GPUS" = "0" ] || pin=()
+    timeout $(( $(left) - 10 )) "${pin[@]}" python3 benchmarks/bench_dit.py --out "$OUT/dit_h200.json" --gpus "$BENCH_GPUS" \
         --variants "${VARIANTS:-compile,dqcompile_w8a8,compile_ro,dqcompile_w8a8_ro,dqcompile_w4a8,eager,torchao_fp8,torchao_int8}" \
         --budget-s $(( $(left) - 60 )) --variant-timeout-s "${VARIANT_TIMEOUT:-220}" > "$OUT/dit_h200.log" 2>&1
 }
 
+# quality GPU CORES FOLDER STEP_STAGES METHOD_STAGES TESTS: the CUDA tests (TESTS=1) and the fused-quantizer
+# timings, then evaluate.py's step stages, then the method stages, on one GPU and its cores, into FOLDER.
 quality() {
-    export CUDA_VISIBLE_DEVICES=1
-    timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_triton_kernels.py \
-        tests/test_compile_backend.py tests/test_reference_ops.py -rfE ${TEST_FILTER:+-k "$TEST_FILTER"} \
-        > "$OUT/gpu_tests_h200.log" 2>&1
-    if [ -n "${FUSED_BENCH:-}" ]; then  # the fused quantizers alone (bench_gemm's fused cases), about 20 s
-        timeout 120 python3 benchmarks/bench_gemm.py --out "$OUT/quantizers_h200.json" --layers "" \
-            > "$OUT/quantizers_h200.log" 2>&1
+    local gpu=$1 cores=$2 folder=$3 step_stages=$4 method_stages=$5 tests=$6
+    export CUDA_VISIBLE_DEVICES=$gpu OUT=$folder
+    mkdir -p "$folder"
+    if [ "$tests" = 1 ]; then
+        timeout "${TEST_SECONDS:-200}" taskset -c "$cores" python3 -m pytest -q -p no:cacheprovider -m cuda \
+            tests/test_triton_kernels.py tests/test_compile_backend.py tests/test_reference_ops.py -rfE \
+            ${TEST_FILTER:+-k "$TEST_FILTER"} > "$folder/gpu_tests_h200.log" 2>&1
+        if [ -n "${FUSED_BENCH:-}" ]; then  # the fused quantizers alone (bench_gemm's fused cases), about 20 s
+            timeout 120 taskset -c "$cores" python3 benchmarks/bench_gemm.py --out "$folder/quantizers_h200.json" \
+                --layers "" > "$folder/quantizers_h200.log" 2>&1
+        fi
     fi
-    for entry in ${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}; do
+    for entry in $step_stages; do
         IFS=: read -r model rows samples seconds seeds <<< "$entry"
-        timeout $(( seconds + 15 )) python3 benchmarks/evaluate.py --model "$model" --rows "$rows" --samples "$samples" \
-            --seeds "${seeds:-0}" --dtype bfloat16 --batch-size "$samples" --metrics fid,kid,prc,accuracy,psnr \
-            ${EVAL_FLAGS:-} --budget-seconds "$seconds" --out "$OUT/${rows}_$model.json" > "$OUT/${rows}_$model.log" 2>&1
+        timeout $(( seconds + 15 )) taskset -c "$cores" python3 benchmarks/evaluate.py --model "$model" --rows "$rows" \
+            --samples "$samples" --seeds "${seeds:-0}" --dtype bfloat16 --batch-size "$samples" \
+            --metrics fid,kid,prc,accuracy,psnr ${EVAL_FLAGS:-} --budget-seconds "$seconds" \
+            --out "$folder/${rows}_$model.json" > "$folder/${rows}_$model.log" 2>&1
     done
-    read -r -a stages <<< "${METHOD_STAGES:-embedded:methods-1:2000 benchmark:methods-1:2000}"
+    read -r -a stages <<< "$method_stages"
     remaining=${#stages[@]}
     for entry in "${stages[@]}"; do
         IFS=: read -r model rows samples <<< "$entry"
@@ -57,13 +75,20 @@ quality() {
         remaining=$(( remaining - 1 ))
         METHODS_BUDGET_SECONDS=$share METHODS_STAGES="$model:$rows:$samples:$share" \
             METHODS_PROTOCOL="${PROTOCOL:---steps 20 --clip-sample false --timestep-spacing leading}" \
-            bash benchmarks/gpu_methods.sh > /dev/null 2>&1
-        mv "$OUT/methods.log" "$OUT/methods_${model}_$rows.log" 2>/dev/null
+            taskset -c "$cores" bash benchmarks/gpu_methods.sh > /dev/null 2>&1
+        mv "$folder/methods.log" "$folder/methods_${model}_$rows.log" 2>/dev/null
     done
 }
 
-bench &
-quality &
+STEPS=${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}
+METHODS=${METHOD_STAGES-"embedded:methods-1:2000 benchmark:methods-1:2000"}
+if [ -n "${VARIANTS-x}" ]; then
+    bench &
+    [ "$BENCH_GPUS" = "0" ] && quality 1 "$UPPER" "$OUT" "$STEPS" "$METHODS" 1 &
+else  # no bench: both GPUs evaluate (GPU 0: STEP_STAGES0 and METHOD_STAGES0, into $OUT/gpu0)
+    quality 1 "$UPPER" "$OUT" "$STEPS" "$METHODS" 1 &
+    quality 0 "$LOWER" "$OUT/gpu0" "${STEP_STAGES0-}" "${METHOD_STAGES0-}" 0 &
+fi
 wait
 # Everything in one tarball; the main figures also as they are (a call brings back at most 8 files).
 tar czf /tmp/session.tar.gz -C "$OUT" .
