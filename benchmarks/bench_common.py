@@ -91,3 +91,18 @@ def median_ms(function: Callable[[], object], *, calls: int = 1, runs: int = 5, 
         if run >= warmup:
             per_call.append(elapsed / calls)
     return {"ms": statistics.median(per_call), "min_ms": min(per_call), "max_ms": max(per_call)}
+
+
+def cpu_groups(parts: int) -> list[list[int]]:
+    """This process's CPU cores split into `parts` groups of whole physical cores (hyper-thread siblings
+    together), for processes that must not slow each other: two processes pinned to the two threads of
+    the same physical cores would still compete."""
+    cores = sorted(os.sched_getaffinity(0))
+    physical: dict[str, list[int]] = {}
+    for core in cores:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{core}/topology/thread_siblings_list")
+        key = siblings.read_text().strip() if siblings.exists() else str(core)
+        physical.setdefault(key, []).append(core)
+    units = list(physical.values())
+    share = max(1, len(units) // parts)
+    return [sorted(c for unit in units[i * share:(i + 1) * share] for c in unit) for i in range(parts)]

@@ -66,7 +66,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import median_ms, run_metadata  # noqa: E402
+from bench_common import cpu_groups, median_ms, run_metadata  # noqa: E402
 
 DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
@@ -396,16 +396,13 @@ def worker(variant: str, quick: bool, rows_list: list[int], result_path: Path) -
 
 
 def cpu_share(gpu: str | None, gpus: str | None) -> set[int] | None:
-    """The CPU cores of the variant on `gpu` when variants run side by side on several GPUs: the cores split
-    evenly, so that one variant's compile does not slow the other's host-side timings (unpinned, a compile
+    """The CPU cores of the variant on `gpu` when variants run side by side on several GPUs: whole physical
+    cores split evenly (bench_common.cpu_groups), so that one variant's compile does not slow the other's host-side timings (unpinned, a compile
     beside a timed step raised bf16 compile's host time from 10.0 to 16.4 ms on an H200 host)."""
-    if gpu is None or not gpus:
+    if gpu is None or not gpus or "," not in gpus:
         return None
     order = gpus.split(",")
-    cores = sorted(os.sched_getaffinity(0))
-    share = len(cores) // len(order)
-    index = order.index(gpu)
-    return set(cores[index * share:(index + 1) * share]) or None
+    return set(cpu_groups(len(order))[order.index(gpu)]) or None
 
 
 def run_variant_process(variant: str, args: argparse.Namespace, rows_list: list[int], timeout_s: float,

@@ -28,12 +28,10 @@ source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 tail -1 "$OUT/setup.log"
 nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv >> "$OUT/setup.log"
 
-# Bench and quality work side by side get half the CPU cores each: a compile or a test run beside a timed
+# Bench and quality work side by side get half the physical CPU cores each: a compile or a test run beside a timed
 # step otherwise inflates its host time (see bench_dit.cpu_share). BENCH_GPUS=0,1 gives bench_dit both GPUs
 # (its variants side by side, each on its GPU's half of the cores) and skips the quality work.
-CORES=$(nproc)
-LOWER="0-$(( CORES / 2 - 1 ))"
-UPPER="$(( CORES / 2 ))-$(( CORES - 1 ))"
+read -r LOWER UPPER < <(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import cpu_groups; print(*(','.join(map(str, g)) for g in cpu_groups(2)))")
 BENCH_GPUS=${BENCH_GPUS:-0}
 
 bench() {

@@ -19,7 +19,8 @@ What it does with the FX graph dynamo captured (a QuantizedModel's forward: ATen
    the lowering did not pass them;
 3. Inductor (`torch._inductor.compile_fx.compile_fx`, with `mode`'s options, "reduce-overhead" included)
    compiles the rest: opaque dqcompile ops stay extern kernel calls, everything between them (residuals,
-   attention, GELU, embeddings) and the decompositions are Inductor's.
+   attention, GELU, embeddings) and the decompositions are Inductor's. torch analyses each Triton launch
+   it meets; `dqcompile.backends.kernel_analysis` makes that once per distinct launch, not per call site.
 
 Options (`torch.compile(..., options={...})`, which dynamo passes to a registered backend as `options`):
     kernels: "auto" (default: "triton" when the quantized tensors are on CUDA and Triton is installed,
@@ -57,6 +58,7 @@ from torch.fx import GraphModule, Node
 
 from dqcompile.backends import load_backend, reference
 from dqcompile.backends.fusion import fuse_quantizers, node_value
+from dqcompile.backends.kernel_analysis import memoized_kernel_analysis
 from dqcompile.backends.ops import NAMESPACE, bind_arguments, kernel, op_def_of, positional_arguments
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,8 @@ def make_backend(kernels: str = "auto", *, fuse: bool = True, mode: str | None =
 
     def dqcompile_backend(gm: GraphModule, example_inputs: list) -> Callable:
         rewrite_graph(gm, kernels=kernels, fuse=fuse)
-        return compile_fx(gm, example_inputs, config_patches=config_patches or None)
+        with memoized_kernel_analysis():  # one Triton-IR analysis per distinct launch, not per call site
+            return compile_fx(gm, example_inputs, config_patches=config_patches or None)
 
     return dqcompile_backend
 
