@@ -63,7 +63,7 @@ quality() {
         timeout $(( seconds + 15 )) taskset -c "$cores" python3 benchmarks/evaluate.py --model "$model" --rows "$rows" \
             --samples "$samples" --seeds "${seeds:-0}" --dtype bfloat16 --batch-size "$samples" \
             --metrics fid,kid,prc,accuracy,psnr ${EVAL_FLAGS:-} --budget-seconds "$seconds" \
-            --out "$folder/${rows}_$model.json" > "$folder/${rows}_$model.log" 2>&1
+            --out "$folder/${rows}_${model}_$samples.json" > "$folder/${rows}_${model}_$samples.log" 2>&1
     done
     read -r -a stages <<< "$method_stages"
     remaining=${#stages[@]}
