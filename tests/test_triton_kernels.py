@@ -568,6 +568,45 @@ def test_cuda_gemm_configs(config: GemmConfig, w_bits: int) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_offsets_beyond_int32() -> None:
+    """Tensors of more than 2^31 elements (10,000 images of 256 tokens at fc1's width reach 2.9e9; in int32
+    offsets that was an illegal address on an H200): the last rows come out as computed on their own."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tail = 5
+    x = torch.randn(1_900_000, 1152, device="cuda", dtype=torch.bfloat16, generator=gen)  # 2.19e9 elements
+    for actual, expected in zip(quantize_act(x, 8, 0, True), reference.quantize_act(x[-tail:], 8, 0, True)):
+        assert torch.equal(actual[-tail:], expected)
+    qx = quantize_act(x, 8, 0, True)[0]
+    del x
+    x = torch.randn(470_000, 4608, device="cuda", dtype=torch.bfloat16, generator=gen)  # 2.17e9 elements
+    for actual, expected in zip(gelu_quantize(x, "tanh", 8, 0, True), gelu_quantize(x[-tail:], "tanh", 8, 0, True)):
+        assert torch.equal(actual[-tail:], expected)
+    del x
+    x = torch.randn(7_400, 256, 1152, device="cuda", dtype=torch.bfloat16, generator=gen)  # 2.18e9 elements
+    mod = torch.randn(7_400, 1152, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.3
+    for actual, expected in zip(ln_modulate_quantize(x, None, None, 1e-6, mod, mod, 8, 0, True),
+                                ln_modulate_quantize(x[-1:], None, None, 1e-6, mod[-1:], mod[-1:], 8, 0, True)):
+        assert torch.equal(actual[-1:], expected)
+    del x, mod
+    # GEMMs: activation offsets past 2^31 (pointer loads), then output offsets past 2^31.
+    _, qw = _weights(64, 1152, 8, "cuda", torch.Generator().manual_seed(1))
+    w_scale = torch.rand(64, 1, device="cuda")
+    x_scale = torch.rand(qx.shape[0], 1, device="cuda")
+    pointer_loads = GemmConfig(128, 64, 128, 8, 4, 3, tma=False)
+    out = triton_int_linear(qx, x_scale, None, qw, w_scale, None, 8, 0, torch.bfloat16, config=pointer_loads)
+    _assert_bit_identical(out[-tail:], reference.int_linear(qx[-tail:], x_scale[-tail:], None, qw, w_scale, None, 8,
+                                                            0, torch.bfloat16))
+    qx_narrow = qx[:, :128].contiguous()
+    del qx, out
+    _, qw = _weights(1152, 128, 8, "cuda", torch.Generator().manual_seed(2))
+    w_scale = torch.rand(1152, 1, device="cuda")
+    out = triton_int_linear(qx_narrow, x_scale, None, qw, w_scale, None, 8, 0, torch.bfloat16)  # 2.19e9 outputs
+    _assert_bit_identical(out[-tail:], reference.int_linear(qx_narrow[-tail:], x_scale[-tail:], None, qw, w_scale,
+                                                            None, 8, 0, torch.bfloat16))
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("group_size,symmetric", [(0, True), (0, False), (128, False)])

@@ -151,7 +151,7 @@ def _load_x(x_desc, qx_ptr, rows, m0, k0, K, stride_xm,
         return x_desc.load([m0, k0])
     else:
         offs_k = k0 + tl.arange(0, WIDTH)
-        ptrs = qx_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+        ptrs = qx_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # M * K may pass 2^31
         if MASK_K:
             return tl.load(ptrs, mask=(offs_k < K)[None, :], other=0)
         else:
@@ -314,10 +314,10 @@ def _int_gemm_kernel(
             bias = tl.load(bias_ptr + cols_c).to(tl.float32)
             result = add_rn(result, _along_n(bias, SWAP_AB))
         if SWAP_AB:
-            out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
             out_mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
         else:
-            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
             out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(out_ptrs, round_to(result, out_ptr.dtype.element_ty), mask=out_mask)
 

@@ -154,7 +154,7 @@ def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, val
     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
     codes = _round_half_even(tl.math.div_rn(h, scale[:, :, None])) + zero[:, :, None].to(tl.float32)
     codes = tl.minimum(tl.maximum(codes, QMIN), QMAX)
-    offs = rows[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols
+    offs = rows[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols  # rows are int64: offsets may pass 2^31
     tl.store(q_ptr + offs, codes.to(tl.int8), mask=valid)
     if STORE_H:
         tl.store(h_ptr + offs, h, mask=valid)
@@ -169,7 +169,7 @@ def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, val
 def _load_activation(x_ptr, rows, stride_xr, cols, valid, PRE_OP: tl.constexpr):
     """A row segment of x as float32; PRE_OP 1 / 2 apply aten.gelu (approximate "none" / "tanh") in
     float32, rounded to x's dtype first as aten's output is (padding lanes: gelu(0) = 0)."""
-    x = tl.load(x_ptr + rows[:, None, None] * stride_xr + cols, mask=valid, other=0.0)
+    x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * stride_xr + cols, mask=valid, other=0.0)
     if PRE_OP != 0:
         x = round_to(_gelu(x.to(tl.float32), PRE_OP), x_ptr.dtype.element_ty)
     return x.to(tl.float32)
@@ -190,7 +190,9 @@ def _quantize_act_kernel(
     when B_G is 0), so that a row whose length is not a power of two pads little (see `_row_segments`).
     PRE_OP 0 quantizes x itself; 1 / 2 quantize aten.gelu(x) (see `_load_activation`).
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # int64 rows: a batch of thousands of images at 256 tokens passes 2^31 elements (an illegal address on
+    # an H200 with 10,000 images of the benchmark model in int32).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     cols_a, in_row_a = _segment(0, 0, A_G, A_L, NUM_GROUPS, GROUP_LEN)
     valid_a = row_ok[:, None, None] & in_row_a
@@ -256,7 +258,7 @@ def _ln_modulate_quantize_kernel(
     """BLOCK_T tokens of sample b: LayerNorm, h * (1 + scale) + shift, quantize; outputs are [B, T, ...].
     Rows are held in two segments as in `_quantize_act_kernel`."""
     C: tl.constexpr = NUM_GROUPS * GROUP_LEN
-    sample = tl.program_id(1)
+    sample = tl.program_id(1).to(tl.int64)  # int64 offsets: B * T * C may pass 2^31
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     rows = sample * T + offs_t
