@@ -19,7 +19,8 @@ Protocol (one set of flags for every row): the model (`embedded`: the shipped 4.
 (`--scheduler ddim|ddpm`, `--steps`, `--clip-sample`, `--timestep-spacing`, `--guidance`; a row may
 override any of them), `--samples` images per row and seed (classes 0..9 in turn), `--seeds`, dtype,
 batch size, device, and `--compile` (float rows: torch.compile; quantized rows: torch.compile with the
-"dqcompile" backend). The sampler settings are an explicit protocol choice, recorded in the JSON:
+"dqcompile" backend; without it, quantized rows on a GPU run eagerly on the backend's Triton kernels,
+`QuantizedModel.with_kernels`, unless `--kernels reference`). The sampler settings are an explicit protocol choice, recorded in the JSON:
 `--clip-sample` (clip the predicted x0 to [-1, 1] at every step, diffusers' DDIM/DDPM `clip_sample`)
 and `--timestep-spacing` default to false and "leading": with diffusers' defaults (clipping on, trailing
 spacing) the float FID rose with the step count on both Fashion-MNIST models; docs/quality.md gives the
@@ -348,6 +349,15 @@ class Evaluation:
                       steps=settings["steps"], guidance_scale=guidance, seed=seed,
                       batch_size=self.args.batch_size, device=self.args.device, progress=False)
 
+    def runnable(self, qmodel: torch.nn.Module) -> torch.nn.Module:
+        """How a quantized row runs: compiled with the dqcompile backend (--compile); else on a GPU eagerly
+        with the backend's kernels (QuantizedModel.with_kernels: no compile per row); else as quantized."""
+        if self.args.compile:
+            return torch.compile(qmodel, backend="dqcompile")
+        if self.args.kernels != "reference" and torch.device(self.args.device).type == "cuda":
+            return qmodel.with_kernels(self.args.kernels)
+        return qmodel
+
     def fp_model(self) -> torch.nn.Module:
         if not self.args.compile:
             return self.model
@@ -445,7 +455,7 @@ class Evaluation:
                 result["attribution"] = method_tables.attribution(
                     self.model, qmodel, method_tables.attribution_inputs(inputs, self.args.attribution))
                 print(f"{row.label}: {method_tables.attribution_line(result['attribution'])}", flush=True)
-            model = torch.compile(qmodel, backend="dqcompile") if self.args.compile else qmodel
+            model = self.runnable(qmodel)
         for seed in self.args.seeds:
             entry: dict[str, Any] = {"seed": seed}
             if model is None:
@@ -549,6 +559,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="images per model call (default 1000 on CUDA, 200 on CPU)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (quantized: backend dqcompile)")
+    parser.add_argument("--kernels", default="auto",
+                        help="without --compile on a GPU, quantized rows run eagerly on these kernels "
+                             "(QuantizedModel.with_kernels; default auto: Triton); 'reference': the reference ops")
     parser.add_argument("--calib-timesteps", default=25, help="calibration timesteps (an integer or 'all'; default 25)")
     parser.add_argument("--calib-per-timestep", type=int, default=32, help="calibration images per timestep")
     parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
@@ -595,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model_config": evaluation.config,
         "protocol": {
             "samples": args.samples, "seeds": args.seeds, "dtype": args.dtype, "compile": args.compile,
-            "batch_size": args.batch_size, "metrics": sorted(evaluation.metrics), "reference_size": len(evaluation.reference),
+            "kernels": args.kernels, "batch_size": args.batch_size, "metrics": sorted(evaluation.metrics), "reference_size": len(evaluation.reference),
             "sampler": evaluation.sampler(row("protocol")),
             "calibration": {"timesteps": args.calib_timesteps, "per_timestep": args.calib_per_timestep,
                             "sampler": "the row's sampler", "seed": args.seeds[0] + 1},

@@ -50,6 +50,8 @@ class QuantizedModel(nn.Module):
         self.config = config
         self.source_class = source_class
         self._dtype = dtype
+        # (kernels, fuse) of a with_kernels model, whose graphs get the compile backend's rewrite.
+        self._eager_kernels: tuple[str, bool] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -92,7 +94,37 @@ class QuantizedModel(nn.Module):
         graphs = self.__dict__.setdefault("_graphs_by_batch", {})
         if batch not in graphs:
             graphs[batch] = _relowered(self, inputs)
+            if self._eager_kernels is not None:  # a with_kernels model: the same rewrite on this graph
+                from dqcompile.backends.compile import rewrite_graph
+
+                kernels, fuse = self._eager_kernels
+                rewrite_graph(graphs[batch], kernels=kernels, fuse=fuse)
         return graphs[batch]
+
+    def with_kernels(self, kernels: str = "auto", *, fuse: bool = True) -> QuantizedModel:
+        """This model with its integer ops on `kernels`, in eager mode: no torch.compile, no compile time.
+
+        The compile backend's own graph rewrite (`dqcompile.backends.compile.rewrite_graph`: the fusions
+        of LayerNorm + modulate and GELU into the activation quantizer, then each op on its kernel) is
+        applied to a copy of the graph, so on a GPU the GEMMs and quantizers run as Triton kernels while
+        everything else runs as eager torch ops. For many short-lived models (evaluating method
+        variants) this is the fast path without a compile per model; for deployment, torch.compile with
+        backend="dqcompile" also fuses and launches the rest. Kernel choices as the backend's: "auto"
+        (Triton on CUDA, ATen decompositions on CPU), "reference", or a backend name. Outputs match this
+        model's within the output dtype's rounding (docs/CONTRACTS.md).
+
+        The copy shares this model's tensors (no extra memory). Apply it last: LoRA branches added
+        afterwards go into the copy's graph as usual, but later `.to(device)` calls move the shared tensors
+        of both models.
+        """
+        from dqcompile.backends.compile import rewrite_graph
+
+        model = QuantizedModel(_graph_copy(self.graph_module), self.binding, spec=self.spec, plan=self.plan,
+                               report=self.report, config=self.config, dtype=self._dtype,
+                               source_class=self.source_class, example_inputs=self.example_inputs)
+        rewrite_graph(model.graph_module, kernels=kernels, fuse=fuse)
+        model._eager_kernels = (kernels, fuse)
+        return model
 
     def train(self, mode: bool = True) -> QuantizedModel:
         """Sets the flag only: the graph was captured in eval mode (no dropout, no label drop), and an
@@ -138,6 +170,18 @@ class QuantizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source_class}, spec={self.spec.name}, dtype={self._dtype}"
+
+
+def _graph_copy(gm: GraphModule) -> GraphModule:
+    """A GraphModule with a copy of `gm`'s graph (nodes and their meta, the pytree codegen) and `gm`'s own
+    submodules, parameters and buffers (shared, not copied): a rewrite of the copy leaves `gm` as it was."""
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    copied = GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied
 
 
 def _conformed(graph: GraphModule, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -534,6 +534,25 @@ def test_interp_small_rows_config_serves_more_rows() -> None:
         _check_int_linear(70, 64, 48, w_bits, 0, False, torch.bfloat16, "cpu", config=config)
 
 
+@interp
+def test_interp_with_kernels_runs_the_triton_twins() -> None:
+    """QuantizedModel.with_kernels("triton") in eager mode: every integer linear and activation quantizer
+    of a tiny DiT runs as its Triton twin (LayerNorm + modulate and GELU fused into the quantizer) and the
+    output matches the reference model's within float32 rounding (the fused LayerNorm computes in one
+    float32 pass, not as the eager ops' sequence, which can move an activation code by one step)."""
+    import dqcompile
+    from tiny_models import dit_inputs, rel_l2, tiny_dit
+
+    qmodel = dqcompile.quantize(tiny_dit(), "w8a8", progress=False)
+    inputs = dit_inputs(2)
+    fast = qmodel.with_kernels("triton")
+    targets = [str(node.target) for node in fast.graph_module.graph.nodes if "dqcompile" in str(node.target)]
+    assert sorted(set(targets)) == ["dqcompile.gelu_quantize_triton.default", "dqcompile.int_linear_triton.default",
+                                    "dqcompile.ln_modulate_quantize_triton.default",
+                                    "dqcompile.quantize_act_triton.default"]
+    assert rel_l2(fast(**inputs).sample, qmodel(**inputs).sample) < 1e-4
+
+
 # ---------------------------------------------------------------- CUDA tests (DiT-XL/2 shapes)
 
 @pytest.mark.cuda
