@@ -16,6 +16,8 @@
 #                    (e.g. --compile: the quantized rows on the fast path)
 #   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
 #                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
+#   QUALITY=0        no quality work beside bench_dit (a quiet machine for its host-time figures; on a
+#                    one-GPU machine, nvidia-h200, the only way to run it)
 #   STEP_STAGES0, METHOD_STAGES0  with VARIANTS="": the same for GPU 0 (into $OUT/gpu0)
 #   TEST_SECONDS, TEST_FILTER  the CUDA tests' time limit (default 200) and a pytest -k expression
 #   PROTOCOL         sampler flags of the method rows (default: docs/quality.md's protocol)
@@ -36,8 +38,8 @@ BENCH_GPUS=${BENCH_GPUS:-0}
 
 bench() {
     [ -n "${VARIANTS-x}" ] || return 0
-    local pin=(taskset -c "$LOWER")
-    [ "$BENCH_GPUS" = "0" ] || pin=()
+    local pin=(taskset -c "$LOWER")  # half the cores only when quality work runs beside it
+    { [ "$BENCH_GPUS" = "0" ] && [ "${QUALITY:-1}" = 1 ]; } || pin=()
     timeout $(( $(left) - 10 )) "${pin[@]}" python3 benchmarks/bench_dit.py --out "$OUT/dit_h200.json" --gpus "$BENCH_GPUS" \
         --variants "${VARIANTS:-compile,dqcompile_w8a8,compile_ro,dqcompile_w8a8_ro,dqcompile_w4a8,eager,torchao_fp8,torchao_int8}" \
         --budget-s $(( $(left) - 60 )) --variant-timeout-s "${VARIANT_TIMEOUT:-220}" > "$OUT/dit_h200.log" 2>&1
@@ -82,7 +84,7 @@ STEPS=${STEP_STAGES-"embedded:steps:2000:95 benchmark:steps:1000:140"}
 METHODS=${METHOD_STAGES-"embedded:methods-1:2000 benchmark:methods-1:2000"}
 if [ -n "${VARIANTS-x}" ]; then
     bench &
-    [ "$BENCH_GPUS" = "0" ] && quality 1 "$UPPER" "$OUT" "$STEPS" "$METHODS" 1 &
+    [ "$BENCH_GPUS" = "0" ] && [ "${QUALITY:-1}" = 1 ] && quality 1 "$UPPER" "$OUT" "$STEPS" "$METHODS" 1 &
 else  # no bench: both GPUs evaluate (GPU 0: STEP_STAGES0 and METHOD_STAGES0, into $OUT/gpu0)
     quality 1 "$UPPER" "$OUT" "$STEPS" "$METHODS" 1 &
     quality 0 "$LOWER" "$OUT/gpu0" "${STEP_STAGES0-}" "${METHOD_STAGES0-}" 0 &
