@@ -60,7 +60,7 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 # Elements per program for the memory-bound kernels: enough work per program to hide latency with
-# few rows (C = 1152 pads to 2048, so two rows per program).
+# few rows (a 1,152-wide row is 1,152 lanes in two segments, so two rows per program).
 _TILE_ELEMENTS = 4096
 # aten.gelu's constants (ATen/native/cuda/ActivationGeluKernel.cu), as float32.
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -322,8 +322,8 @@ def _row_segments(num_groups: int, group_len: int) -> dict[str, int]:
     """The two segments a row is held in (the kernels' A_* and B_* constexprs), each a power-of-two tile.
 
     One tile padded to the next power of two would waste up to half its lanes, and every lane of the
-    fc2 input ([., 4608] padded to 8,192) runs a GELU and a division: on an H200 that kernel took 4x
-    aten's GELU alone. Instead A is the largest power of two that fits and B the power of two that covers
+    fc2 input ([., 4608] padded to 8,192) runs a GELU and a division: on an H200 that kernel took 4.8x
+    aten's GELU alone (110 against 23 us at [4096, 4608]; 52.8 us in two segments). Instead A is the largest power of two that fits and B the power of two that covers
     the rest: 4,608 = 4,096 + 512 and 1,152 = 1,024 + 128 exactly. Per token (one group) the split is along
     the lanes and the kernels merge the two segments' ranges; per group it is along the groups, each group
     a power-of-two tile of lanes.
