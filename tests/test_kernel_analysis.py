@@ -6,7 +6,11 @@ import pytest
 import sympy
 import torch
 
-from dqcompile.backends.kernel_analysis import ANALYSIS_FUNCTIONS, analysis_key, memoized_kernel_analysis
+from dqcompile.backends.kernel_analysis import (
+    ANALYSIS_FUNCTIONS,
+    analysis_key,
+    memoized_kernel_analysis,
+)
 
 triton_kernel_wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
 

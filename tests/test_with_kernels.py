@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import dit_inputs, tiny_dit
 
 import dqcompile
-from tiny_models import dit_inputs, tiny_dit
 
 
 def _dqcompile_targets(model: dqcompile.QuantizedModel) -> set[str]:
