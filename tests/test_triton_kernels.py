@@ -553,6 +553,33 @@ def test_interp_with_kernels_runs_the_triton_twins() -> None:
     assert rel_l2(fast(**inputs).sample, qmodel(**inputs).sample) < 1e-4
 
 
+@interp
+@pytest.mark.parametrize("preset", ["ptq4dit-w4a8", "tqdit-w6a6", "qdit-w4a8"])
+def test_interp_with_kernels_keeps_ops_without_a_triton_kernel(preset: str) -> None:
+    """Static (PTQ4DiT), time-grouped and two-region (TQ-DiT) and per-sample (Q-DiT's mode) activation
+    quantizers have no Triton kernel: with_kernels keeps them on the reference and runs only the GEMMs on
+    Triton, with the reference model's outputs bit for bit (those quantizers are the same ops, and the
+    Triton GEMM's epilogue repeats the reference's float32 operations in order)."""
+    import dqcompile
+    from tiny_models import dit_inputs, tiny_dit
+
+    model = tiny_dit()
+    spec = dqcompile.QuantSpec.from_preset(preset)
+    if preset == "qdit-w4a8":
+        spec = dqcompile.QuantSpec.from_dict({**spec.to_dict(), "activations": {
+            **spec.to_dict()["activations"], "mode": "dynamic_sample_group"}})
+    calibration = dqcompile.calibration_set(model, num_timesteps=4, samples_per_timestep=2, num_inference_steps=8,
+                                            progress=False) if spec.needs_calibration else None
+    qmodel = dqcompile.quantize(model, spec, calibration=calibration, progress=False)
+    fast = qmodel.with_kernels("triton")
+    targets = {str(node.target).split(".")[1] for node in fast.graph_module.graph.nodes
+               if "dqcompile" in str(node.target)}
+    assert "int_linear_triton" in targets and "int_linear" not in targets
+    assert targets & {"quantize_act_static", "quantize_act_mrq", "quantize_act_per_sample"}
+    inputs = dit_inputs(2)
+    assert torch.equal(fast(**inputs).sample, qmodel(**inputs).sample)
+
+
 # ---------------------------------------------------------------- CUDA tests (DiT-XL/2 shapes)
 
 @pytest.mark.cuda
