@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from tiny_models import dit_inputs, tiny_dit
 
@@ -33,3 +36,12 @@ def test_with_kernels_rewrites_a_copy_and_shares_the_tensors() -> None:
     reference = qmodel.with_kernels("reference", fuse=False)  # the rewrite that changes nothing
     assert _dqcompile_targets(reference) == _dqcompile_targets(qmodel)
     torch.testing.assert_close(reference(**inputs).sample, expected, rtol=0, atol=0)
+
+
+def test_with_kernels_refuses_kernels_it_cannot_run() -> None:
+    qmodel = dqcompile.quantize(tiny_dit(), "w8a8", progress=False)
+    with pytest.raises(ValueError, match="kernels='bogus' is not 'auto', 'reference' or an available backend"):
+        qmodel.with_kernels("bogus")
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        with pytest.raises(ValueError, match="kernels='triton' needs CUDA tensors"):
+            qmodel.with_kernels("triton")
