@@ -166,6 +166,27 @@ def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, val
 
 
 @triton.jit
+def _quantize_segments(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, h_b, cols_b, valid_b,
+                       A_G: tl.constexpr, B_G0: tl.constexpr, B_G: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                       GROUP_LEN: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, STORE_H: tl.constexpr):
+    """Quantize a row held in segments A and B (B ignored when B_G is 0; see `_row_segments`) and store its
+    codes, scales and zero points. Per token (one group split over both segments) the two share one range."""
+    lo_a, hi_a = _group_range(h_a, valid_a, SYMMETRIC)
+    if B_G > 0:
+        lo_b, hi_b = _group_range(h_b, valid_b, SYMMETRIC)
+        if NUM_GROUPS == 1:
+            lo_a = tl.minimum(lo_a, lo_b)
+            hi_a = tl.maximum(hi_a, hi_b)
+            lo_b, hi_b = lo_a, hi_a
+        scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
+        _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_b, cols_b, valid_b, scale_b, zero_b,
+                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+    scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
+    _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, scale_a, zero_a,
+                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+
+
+@triton.jit
 def _load_activation(x_ptr, rows, stride_xr, cols, valid, PRE_OP: tl.constexpr):
     """A row segment of x as float32; PRE_OP 1 / 2 apply aten.gelu (approximate "none" / "tanh") in
     float32, rounded to x's dtype first as aten's output is (padding lanes: gelu(0) = 0)."""
@@ -197,22 +218,14 @@ def _quantize_act_kernel(
     cols_a, in_row_a = _segment(0, 0, A_G, A_L, NUM_GROUPS, GROUP_LEN)
     valid_a = row_ok[:, None, None] & in_row_a
     h_a = _load_activation(x_ptr, rows, stride_xr, cols_a, valid_a, PRE_OP)
-    lo_a, hi_a = _group_range(h_a, valid_a, SYMMETRIC)
     if B_G > 0:
         cols_b, in_row_b = _segment(B_G0, B_L0, B_G, B_L, NUM_GROUPS, GROUP_LEN)
         valid_b = row_ok[:, None, None] & in_row_b
         h_b = _load_activation(x_ptr, rows, stride_xr, cols_b, valid_b, PRE_OP)
-        lo_b, hi_b = _group_range(h_b, valid_b, SYMMETRIC)
-        if NUM_GROUPS == 1:  # one group split over both segments: one range
-            lo_a = tl.minimum(lo_a, lo_b)
-            hi_a = tl.maximum(hi_a, hi_b)
-            lo_b, hi_b = lo_a, hi_a
-        scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
-        _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_b, cols_b, valid_b, scale_b, zero_b,
-                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
-    scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
-    _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, scale_a, zero_a,
-                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+    else:  # no second segment: _quantize_segments ignores these
+        h_b, cols_b, valid_b = h_a, cols_a, valid_a
+    _quantize_segments(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, h_b, cols_b, valid_b,
+                       A_G, B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, SYMMETRIC, STORE_H)
 
 
 @triton.jit
@@ -289,23 +302,15 @@ def _ln_modulate_quantize_kernel(
                             ln_weight_ptr, ln_bias_ptr, mod_scale_ptr, mod_shift_ptr,
                             stride_msb, stride_mst, stride_msc, stride_mhb, stride_mht, stride_mhc,
                             HAS_LN_WEIGHT, HAS_LN_BIAS, MOD_PER_TOKEN)
-    lo_a, hi_a = _group_range(h_a, valid_a, SYMMETRIC)
     if B_G > 0:
         h_b = _modulate_segment(x_b, mean, rstd, cols_b, in_row_b, valid_b, sample, offs_t,
                                 ln_weight_ptr, ln_bias_ptr, mod_scale_ptr, mod_shift_ptr,
                                 stride_msb, stride_mst, stride_msc, stride_mhb, stride_mht, stride_mhc,
                                 HAS_LN_WEIGHT, HAS_LN_BIAS, MOD_PER_TOKEN)
-        lo_b, hi_b = _group_range(h_b, valid_b, SYMMETRIC)
-        if NUM_GROUPS == 1:  # one group split over both segments: one range
-            lo_a = tl.minimum(lo_a, lo_b)
-            hi_a = tl.maximum(hi_a, hi_b)
-            lo_b, hi_b = lo_a, hi_a
-        scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
-        _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_b, cols_b, valid_b, scale_b, zero_b,
-                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
-    scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
-    _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_a, cols_a, valid_a, scale_a, zero_a,
-                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+    else:  # no second segment: _quantize_segments ignores these
+        h_b, cols_b, valid_b = h_a, cols_a, valid_a
+    _quantize_segments(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_a, cols_a, valid_a, h_b, cols_b, valid_b,
+                       A_G, B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, SYMMETRIC, STORE_H)
 
 
 def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int]:
