@@ -94,12 +94,16 @@ class QuantizedModel(nn.Module):
         graphs = self.__dict__.setdefault("_graphs_by_batch", {})
         if batch not in graphs:
             graphs[batch] = _relowered(self, inputs)
-            if self._eager_kernels is not None:  # a with_kernels model: the same rewrite on this graph
-                from dqcompile.backends.compile import rewrite_graph
-
-                kernels, fuse = self._eager_kernels
-                rewrite_graph(graphs[batch], kernels=kernels, fuse=fuse)
+            self._rewrite_for_kernels(graphs[batch])
         return graphs[batch]
+
+    def _rewrite_for_kernels(self, gm: GraphModule) -> None:
+        """On a with_kernels model, the compile backend's rewrite of one of its graphs, in place."""
+        if self._eager_kernels is not None:
+            from dqcompile.backends.compile import rewrite_graph
+
+            kernels, fuse = self._eager_kernels
+            rewrite_graph(gm, kernels=kernels, fuse=fuse)
 
     def with_kernels(self, kernels: str = "auto", *, fuse: bool = True) -> QuantizedModel:
         """This model with its integer ops on `kernels`, in eager mode: no torch.compile, no compile time.
@@ -117,13 +121,11 @@ class QuantizedModel(nn.Module):
         afterwards go into the copy's graph as usual, but later `.to(device)` calls move the shared tensors
         of both models.
         """
-        from dqcompile.backends.compile import rewrite_graph
-
         model = QuantizedModel(_graph_copy(self.graph_module), self.binding, spec=self.spec, plan=self.plan,
                                report=self.report, config=self.config, dtype=self._dtype,
                                source_class=self.source_class, example_inputs=self.example_inputs)
-        rewrite_graph(model.graph_module, kernels=kernels, fuse=fuse)
         model._eager_kernels = (kernels, fuse)
+        model._rewrite_for_kernels(model.graph_module)
         return model
 
     def train(self, mode: bool = True) -> QuantizedModel:
