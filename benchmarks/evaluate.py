@@ -53,6 +53,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -525,6 +526,9 @@ def markdown(output: dict[str, Any]) -> str:
     skipped = [f"{r['label']} ({r['skipped']})" for r in output["rows"] if r.get("skipped")]
     if skipped:
         lines += ["", f"Skipped: {'; '.join(skipped)}"]
+    failed = [f"{r['label']} ({r['error']})" for r in output["rows"] if r.get("error")]
+    if failed:
+        lines += ["", f"Failed: {'; '.join(failed)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -625,7 +629,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             output["rows"].append({**r.to_dict(), "skipped": f"time budget: {elapsed:.0f} s > {args.budget_seconds:.0f} s"})
             print(f"skipped {r.label}: {elapsed:.0f} s used of {args.budget_seconds:.0f}", flush=True)
             continue
-        result, seconds = timed(evaluation.run_row, r)
+        try:
+            result, seconds = timed(evaluation.run_row, r)
+        except Exception as error:  # noqa: BLE001 (a failed row is recorded; the table's other rows still run)
+            traceback.print_exc()
+            output["rows"].append({**r.to_dict(), "error": f"{type(error).__name__}: {error}"})
+            args.out.write_text(json.dumps(output, indent=2, default=str))
+            print(f"failed {r.label}: {type(error).__name__}: {error}", flush=True)
+            continue
         result["row_seconds"] = seconds
         output["rows"].append(result)
         output["total_seconds"] = time.perf_counter() - started
@@ -642,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = markdown(output)
     args.out.with_suffix(".md").write_text(table)
     print(table)
+    failed = [r["label"] for r in output["rows"] if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} row(s) failed: {', '.join(failed)} (their errors are in {args.out})")
     return output
 
 

@@ -87,15 +87,30 @@ def test_noise_band_and_tie_rule() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(data.find_fashion_mnist("test") is None, reason="Fashion-MNIST files not installed")
-def test_tiny_run_end_to_end(tmp_path: Path) -> None:
+def test_tiny_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three rows run; a row that fails is recorded with its error, the rows after it still run, and the
+    driver exits non-zero naming it."""
     torch.manual_seed(0)
     model = build_fmnist_dit(TINY_CONFIG).eval()
     save_benchmark_model(model, tmp_path / "tiny", model_config=TINY_CONFIG)
     out = tmp_path / "result.json"
-    driver.main(["--model", str(tmp_path / "tiny"), "--rows", "float", "--row", "w8a8=w8a8@steps=2",
-                 "--row", "clipped=fp@clip_sample=true", "--samples", "6", "--steps", "1", "--seeds", "0,1",
-                 "--reference-size", "50", "--metrics", "fid,accuracy,psnr", "--device", "cpu", "--out", str(out)])
+    run_row = driver.Evaluation.run_row
+
+    def failing_run_row(self, row):
+        if row.label == "broken":
+            raise RuntimeError("kernel launch failed")
+        return run_row(self, row)
+
+    monkeypatch.setattr(driver.Evaluation, "run_row", failing_run_row)
+    with pytest.raises(SystemExit, match=r"1 row\(s\) failed: broken"):
+        driver.main(["--model", str(tmp_path / "tiny"), "--rows", "float", "--row", "w8a8=w8a8@steps=2",
+                     "--row", "broken=w8a8", "--row", "clipped=fp@clip_sample=true", "--samples", "6", "--steps",
+                     "1", "--seeds", "0,1", "--reference-size", "50", "--metrics", "fid,accuracy,psnr", "--device",
+                     "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
+    broken = result["rows"].pop(2)
+    assert broken["label"] == "broken" and broken["error"] == "RuntimeError: kernel launch failed"
+    assert "Failed: broken (RuntimeError: kernel launch failed)" in out.with_suffix(".md").read_text()
     assert {"device", "date", "commit", "torch"} <= set(result) and result["protocol"]["seeds"] == [0, 1]
     assert result["protocol"]["sampler"] == {"scheduler": "ddim", "steps": 1, "clip_sample": False,
                                              "timestep_spacing": "leading", "guidance": 1.5}

@@ -669,6 +669,23 @@ def test_cuda_gelu_quantize(dtype: torch.dtype, approximate: str, group_size: in
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_cuda_with_kernels_matches_the_quantized_model(preset: str) -> None:
+    """QuantizedModel.with_kernels() on a GPU (the path evaluate.py samples with): the tiny DiT's output
+    within float32 rounding of the quantized model on the reference ops (the fused LayerNorm's single
+    float32 pass can move an activation code by one step, as in the interpreter test)."""
+    import dqcompile
+    from tiny_models import dit_inputs, rel_l2, tiny_dit
+
+    qmodel = dqcompile.quantize(tiny_dit().cuda(), preset, progress=False)
+    inputs = {key: value.cuda() for key, value in dit_inputs(4).items()}
+    fast = qmodel.with_kernels()
+    assert any("triton" in str(node.target) for node in fast.graph_module.graph.nodes)
+    assert rel_l2(fast(**inputs).sample, qmodel(**inputs).sample) < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_triton_op_under_inductor() -> None:
     """The launchers as torch.library.triton_op bodies: torch.compile (Inductor) launches the kernels from its
     generated code, TMA descriptors' scratch included, and gives the eager results bit for bit."""
