@@ -50,6 +50,7 @@ if INTERPRETING or HAS_CUDA:
         gelu_quantize,
         ln_modulate_quantize,
         quantize_act,
+        quantize_act_static,
     )
 
 
@@ -330,6 +331,29 @@ def test_interp_quantize_act_edge_cases() -> None:
     _check_quantize_act(torch.randn(5, 64).to(torch.bfloat16), 8, 32, False)
 
 
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_interp_quantize_act_static_bit_exact(dtype: torch.dtype, bits: int) -> None:
+    """Calibrated scale / zero per tensor and per row (TQ-DiT's time groups: one per sample, broadcast over
+    its tokens): the codes of reference.quantize_act_static, clamps at both ends and .5 ties included,
+    also for a non-contiguous x."""
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(3, 5, 48, generator=gen) * 4).to(dtype)
+    x[0, 0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 300.0, -300.0, 0.0]).to(dtype)  # scale 1: ties, clamps
+    per_tensor = (torch.tensor([1.0]), torch.tensor([3], dtype=torch.int32))
+    per_sample = (torch.rand(3, 1, 1, generator=gen) * 0.2 + 0.01, torch.randint(-4, 5, (3, 1, 1), dtype=torch.int32,
+                                                                                 generator=gen))
+    transposed = (x.transpose(0, 1), per_sample[0].transpose(0, 1), per_sample[1].transpose(0, 1))
+    for tensor, scale, zero in ((x, *per_tensor), (x, *per_sample), transposed, (transposed[0], *per_tensor)):
+        got = quantize_act_static(tensor, scale, zero, bits)
+        assert got.dtype == torch.int8 and got.shape == tensor.shape
+        assert torch.equal(got, reference.quantize_act_static(tensor, scale, zero, bits))
+    assert int(quantize_act_static(x, *per_tensor, bits).min()) == -(2 ** (bits - 1))
+    with pytest.raises(ValueError, match="bits must be in"):
+        quantize_act_static(x, *per_tensor, 9)
+
+
 def test_row_segments_pad_little() -> None:
     """Rows are held as two power-of-two segments: DiT-XL/2's widths need no padding at all, and no width
     pads more than one tile of the next power of two would."""
@@ -556,10 +580,10 @@ def test_interp_with_kernels_runs_the_triton_twins() -> None:
 @interp
 @pytest.mark.parametrize("preset", ["tqdit-w6a6", "qdit-w4a8"])  # TQ-DiT's graph has static quantizers too
 def test_interp_with_kernels_keeps_ops_without_a_triton_kernel(preset: str) -> None:
-    """Static, time-grouped and two-region (TQ-DiT) and per-sample (Q-DiT's mode) activation
-    quantizers have no Triton kernel: with_kernels keeps them on the reference and runs only the GEMMs on
-    Triton, with the reference model's outputs bit for bit (those quantizers are the same ops, and the
-    Triton GEMM's epilogue repeats the reference's float32 operations in order)."""
+    """Two-region (TQ-DiT's MRQ) and per-sample (Q-DiT's mode) activation quantizers have no Triton
+    kernel: with_kernels keeps them on the reference; the GEMMs and the static / time-grouped quantizers
+    run on Triton, with the reference model's outputs bit for bit (the static kernel is the reference's
+    float32 operations, and the Triton GEMM's epilogue repeats the reference's in order)."""
     import dqcompile
     from tiny_models import dit_inputs, tiny_dit
 
@@ -575,8 +599,10 @@ def test_interp_with_kernels_keeps_ops_without_a_triton_kernel(preset: str) -> N
     targets = {str(node.target).split(".")[1] for node in fast.graph_module.graph.nodes
                if "dqcompile" in str(node.target)}
     assert "int_linear_triton" in targets and "int_linear" not in targets
-    kept = {"tqdit-w6a6": {"quantize_act_static", "quantize_act_mrq"}, "qdit-w4a8": {"quantize_act_per_sample"}}
+    kept = {"tqdit-w6a6": {"quantize_act_mrq"}, "qdit-w4a8": {"quantize_act_per_sample"}}
     assert kept[preset] <= targets
+    if preset == "tqdit-w6a6":  # its static and time-grouped quantizers run on Triton
+        assert "quantize_act_static_triton" in targets and "quantize_act_static" not in targets
     inputs = dit_inputs(2)
     assert torch.equal(fast(**inputs).sample, qmodel(**inputs).sample)
 

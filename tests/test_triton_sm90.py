@@ -103,6 +103,8 @@ def _record_quantize(rows: int) -> None:
     quantize.quantize_act(x, 8, 128, True)
     quantize.gelu_quantize(torch.randn(1, rows, 4608, dtype=torch.bfloat16), "tanh", 8, 0, False)
     quantize.ln_modulate_quantize(x, None, None, 1e-6, torch.randn(1, 1152), torch.randn(1, 1152), 8, 0, False)
+    quantize.quantize_act_static(x, torch.tensor([0.05]), torch.tensor([0], dtype=torch.int32), 8)
+    quantize.quantize_act_static(x, torch.rand(1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.int32), 6)
 
 
 def _record_gemm(rows: int) -> None:
@@ -125,7 +127,7 @@ def test_every_launch_compiles_for_sm90(launches: list, rows: int) -> None:
     as fp64."""
     _record_quantize(rows)
     _record_gemm(rows)
-    assert len(launches) == 7
+    assert len(launches) == 9
     for kernel, args, kwargs in launches:
         float_types = ("fp32", "fp64") if any(isinstance(a, float) for a in args) else ("fp32",)
         for float_type in float_types:

@@ -1,9 +1,10 @@
 """Triton kernels for the dqcompile ops: integer GEMMs (gemm.py) and fused activation quantization (quantize.py).
 
 Importing this package fills the "triton" column of the op table with `dqcompile.backends.register_kernel`:
-int_linear, int_matmul, quantize_act, ln_modulate_quantize (LayerNorm + adaLN modulation + dynamic
-quantization in one kernel) and gelu_quantize (GELU + dynamic quantization in one kernel) run on Triton, as
-`torch.library.triton_op`s; the other ops have no Triton kernel and keep the reference.
+int_linear, int_matmul, quantize_act, quantize_act_static, ln_modulate_quantize (LayerNorm + adaLN
+modulation + dynamic quantization in one kernel) and gelu_quantize (GELU + dynamic quantization in one
+kernel) run on Triton, as `torch.library.triton_op`s; the other ops (per-sample groups, MRQ's two-region
+codes, integer attention) have no Triton kernel and keep the reference.
 
 The package imports on any machine. Without the `triton` package the kernel set is still registered,
 and requesting a kernel (calling it, or reading one of the names below) raises an ImportError that says
@@ -38,6 +39,7 @@ _KERNEL_NAMES = {
     "gelu_quantize": "quantize",
     "ln_modulate_quantize": "quantize",
     "quantize_act": "quantize",
+    "quantize_act_static": "quantize",
 }
 
 __all__ = ["is_available", "require_kernel_device", *sorted(_KERNEL_NAMES)]
@@ -129,6 +131,7 @@ _int_linear.__signature__ = _signature("int_linear")  # type: ignore[attr-define
 # as torch.library.triton_op: Inductor traces each once and launches its kernels from the generated code,
 # with no Python per call. The GEMM tiles groups in multiples of 16: other group sizes stay on the reference.
 register_kernel("triton", "quantize_act", _kernel("quantize_act", "quantize_act"), triton_op=True)
+register_kernel("triton", "quantize_act_static", _kernel("quantize_act_static", "quantize_act_static"), triton_op=True)
 register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize", "ln_modulate_quantize"),
                 triton_op=True)
 register_kernel("triton", "gelu_quantize", _kernel("gelu_quantize", "gelu_quantize"), triton_op=True)

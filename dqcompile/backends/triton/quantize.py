@@ -33,6 +33,10 @@ Tiles are 3-D [rows, groups, group length], so one layout serves per-token (one 
 per-group quantization. A row is held in two power-of-two segments (`_row_segments`: 4,608 = 4,096 + 512),
 masked, so any C is served with little padding.
 
+`quantize_act_static` applies calibrated parameters (PTQ4DiT's and TQ-DiT's static activations): one
+elementwise pass, codes clamp(round(x / scale) + zero) over the full code range, with the scale per
+tensor or per row (TQ-DiT's time groups pick a row's scale by its sample's timestep).
+
 The launchers are traceable by `torch.library.triton_op`: shapes, strides and dtypes decide everything,
 outputs are allocated inside, and kernels launch through `torch.library.wrap_triton`.
 """
@@ -50,7 +54,7 @@ from dqcompile.backends.triton import require_kernel_device
 from dqcompile.backends.triton.jitutils import launcher, round_to
 from dqcompile.quant.uniform import MIN_SCALE
 
-__all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quantize_act"]
+__all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quantize_act", "quantize_act_static"]
 
 # Round half to even, as torch.round. On the GPU: libdevice's rint. The interpreter has no libdevice, so
 # there adding then subtracting 1.5 * 2^23 rounds a float32 of magnitude < 2^22 to the nearest integer,
@@ -311,6 +315,60 @@ def _ln_modulate_quantize_kernel(
         h_b, cols_b, valid_b = h_a, cols_a, valid_a
     _quantize_segments(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, t_ok, h_a, cols_a, valid_a, h_b, cols_b, valid_b,
                        A_G, B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, SYMMETRIC, STORE_H)
+
+
+@triton.jit
+def _quantize_static_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, n_elements, channels, stride_xr,
+                            SCALE_PER_ROW: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """q = clamp(round(x / scale) + zero, QMIN, QMAX) over the flattened [rows, channels] x, int64 offsets."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    in_range = offs < n_elements
+    row = offs // channels
+    x = tl.load(x_ptr + row * stride_xr + offs % channels, mask=in_range, other=0.0).to(tl.float32)
+    if SCALE_PER_ROW:
+        scale = tl.load(scale_ptr + row, mask=in_range, other=1.0)
+        zero = tl.load(zero_ptr + row, mask=in_range, other=0).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr)
+        zero = tl.load(zero_ptr).to(tl.float32)
+    codes = _round_half_even(tl.math.div_rn(x, scale)) + zero
+    codes = tl.minimum(tl.maximum(codes, QMIN), QMAX)
+    tl.store(q_ptr + offs, codes.to(tl.int8), mask=in_range)
+
+
+def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """`dqcompile::quantize_act_static` on Triton: codes of x with calibrated (scale, zero).
+
+    Args:
+        x: [..., C] of any float dtype.
+        scale: float32, zero: int32, each broadcastable to [..., 1]: one per tensor, or one per row.
+        bits: 2..8; the codes span the full two's-complement range [-2^(bits-1), 2^(bits-1) - 1].
+
+    Returns:
+        int8 codes shaped like x, bit for bit the reference's (`reference.quantize_act_static`).
+    """
+    require_kernel_device(x)
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8] for int8 containers, got {bits}")
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if q.numel() == 0:
+        return q
+    channels = x.shape[-1]
+    x2 = x.reshape(-1, channels)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    per_row = scale.numel() != 1 or zero.numel() != 1
+    if per_row:  # one (scale, zero) per row of x2 (a copy of at most one value per row)
+        row_shape = (*x.shape[:-1], 1)
+        scale = torch.broadcast_to(scale, row_shape).reshape(-1).contiguous()
+        zero = torch.broadcast_to(zero, row_shape).reshape(-1).contiguous()
+    block = 1024
+    launcher(_quantize_static_kernel)[(triton.cdiv(q.numel(), block),)](
+        x2, q, scale.float(), zero.to(torch.int32), q.numel(), channels, x2.stride(0),
+        SCALE_PER_ROW=per_row, QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1, BLOCK=block, num_warps=4,
+    )
+    return q
 
 
 def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int]:
