@@ -14,7 +14,8 @@
 #                    batch (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them;
 #                    e.g. "embedded:noise:5000:200:0,1,2" for the noise band); EVAL_FLAGS adds flags
 #                    (e.g. --compile: the quantized rows on the fast path)
-#   METHOD_STAGES    space-separated model:rows:samples, run in order with the time left, shared evenly
+#   METHOD_STAGES    space-separated model:rows:samples[:seconds], run in order: a stage gets its own seconds
+#                    when given, else an even share of the time left among the stages still to run
 #                    (default "embedded:methods-1:2000 benchmark:methods-1:2000")
 #   QUALITY=0        no quality work beside bench_dit (a quiet machine for its host-time figures; on a
 #                    one-GPU machine, nvidia-h200, the only way to run it)
@@ -70,8 +71,10 @@ quality() {
     read -r -a stages <<< "$method_stages"
     remaining=${#stages[@]}
     for entry in "${stages[@]}"; do
-        IFS=: read -r model rows samples <<< "$entry"
+        IFS=: read -r model rows samples seconds <<< "$entry"
         share=$(( ($(left) - 15) / remaining ))
+        # A stage's own seconds, when given, replace its even share (never past the time left).
+        [ -n "$seconds" ] && share=$(( seconds < $(left) - 15 ? seconds : $(left) - 15 ))
         remaining=$(( remaining - 1 ))
         METHODS_BUDGET_SECONDS=$share METHODS_STAGES="$model:$rows:$samples:$share" \
             METHODS_PROTOCOL="${PROTOCOL:---steps 20 --clip-sample false --timestep-spacing leading}" \
