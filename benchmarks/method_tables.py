@@ -149,6 +149,7 @@ def qdit_rows(row: Callable[..., Any], bits: tuple[int, ...] = (4, 6)) -> list[A
         rows += [row(f"RTN w{b}a8 dynamic", "w4a8" if b == 4 else f"w8a8:weights.bits={b}"),
                  row(f"RTN w{b}a8 group dynamic", f"{preset}:{rtn_groups}"),
                  row(f"Q-DiT w{b}a8", preset),
+                 row(f"Q-DiT w{b}a8 unit-gain clip", f"{preset}:weights.clip_unit_gain=true"),
                  row(f"Q-DiT w{b}a8 gptq", f"{preset}:weights.rounding=gptq"),
                  row(f"RTN w{b}a8 group per-sample", f"{preset}:{rtn_groups},{per_sample}"),
                  row(f"Q-DiT w{b}a8 per-sample", f"{preset}:{per_sample}")]

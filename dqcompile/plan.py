@@ -56,6 +56,7 @@ class WeightPlan:
     bits: int
     group_size: int = 0
     clip_search: bool = False
+    clip_unit_gain: bool = False
     fitted_from: int = 0
     rounding: str = ""
     qweight: Tensor | None = None

@@ -11,7 +11,7 @@ def describe_weights(weight: WeightPlan) -> str:
     granularity = f"group {weight.group_size}" if weight.group_size else "per channel"
     if weight.fitted_from:
         granularity += f" (fitted from {weight.fitted_from})"
-    clip = ", clip search" if weight.clip_search else ""
+    clip = (", clip search (unit gain)" if weight.clip_unit_gain else ", clip search") if weight.clip_search else ""
     return f"int{weight.bits} {granularity}{clip}"
 
 

@@ -133,12 +133,16 @@ class WeightSpec:
 
     clip_search: choose each channel's (or group's) clipping range by minimising the squared
         reconstruction error instead of using max |w|.
+    clip_unit_gain: with clip_search, rescale each candidate so the dequantized group has unit gain
+        against the float one (plain MSE clipping shrinks every group slightly, and the shrinkage
+        compounds over the blocks and the sampling steps; dqcompile.quant.weights._search_clip).
     rounding: "rtn" (round to nearest) or "gptq" (needs calibration: each layer's input Hessian).
     """
 
     bits: int = 8
     group_size: int = 0
     clip_search: bool = False
+    clip_unit_gain: bool = False
     rounding: str = "rtn"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
@@ -147,6 +151,9 @@ class WeightSpec:
         _check_choice("weights.bits", self.bits, WEIGHT_BITS)
         _check_group_size("weights.group_size", self.group_size)
         _check_choice("weights.rounding", self.rounding, WEIGHT_ROUNDINGS)
+        if self.clip_unit_gain and not self.clip_search:
+            raise ValueError("weights.clip_unit_gain=True rescales the clip search's candidates: set "
+                             "weights.clip_search=True as well")
 
 
 @dataclass(frozen=True)
@@ -325,7 +332,7 @@ class QuantSpec:
             if fitted:
                 group, fitted_from = fitted, group
         weight = WeightPlan(bits=self.weights.bits, group_size=group, clip_search=self.weights.clip_search,
-                            fitted_from=fitted_from)
+                            clip_unit_gain=self.weights.clip_unit_gain, fitted_from=fitted_from)
         if not act.quantized:
             return weight, ActivationPlan(kind="float")
         kind = {"dynamic_token": "dynamic_token", "dynamic_group": "dynamic_group",

@@ -198,3 +198,26 @@ def test_qdit_presets_on_tiny_dit(tmp_path, preset, bound):
         dqcompile.save(qmodel, tmp_path / "q")
         with torch.no_grad():
             assert torch.equal(dqcompile.load(tmp_path / "q")(**inputs).sample, output)
+
+
+def test_unit_gain_clip_search_through_the_pipeline(tmp_path):
+    """weights.clip_unit_gain reaches the rounding (unit-gain groups), the report, and a save / load round
+    trip of the plan; without clip_search it is refused when the spec is built."""
+    with pytest.raises(ValueError, match="set weights.clip_search=True as well"):
+        WeightSpec(bits=4, group_size=32, clip_unit_gain=True)
+    model = tiny_dit()
+    spec = QuantSpec.from_preset("qdit-w4a8").replace(
+        weights=WeightSpec(bits=4, group_size=128, clip_search=True, clip_unit_gain=True))
+    qmodel = dqcompile.quantize(model, spec, progress=False)
+    rows = {row.name: row for row in qmodel.report.layers}
+    assert rows["transformer_blocks.0.attn1.to_q"].weights == "int4 group 32 (fitted from 128), clip search (unit gain)"
+    expected = quantize_weight(model.transformer_blocks[0].attn1.to_q.weight, 4, 32, clip_search=True, unit_gain=True)
+    layer = qmodel.graph_module.get_submodule("transformer_blocks.0.attn1.to_q")
+    assert torch.equal(layer.qweight, expected.qweight)
+    plain = quantize_weight(model.transformer_blocks[0].attn1.to_q.weight, 4, 32, clip_search=True)
+    assert not torch.equal(expected.scale, plain.scale)
+    dqcompile.save(qmodel, tmp_path / "q")
+    loaded = dqcompile.load(tmp_path / "q")
+    inputs = dit_inputs(batch=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, qmodel(**inputs).sample)

@@ -75,7 +75,7 @@ def test_a_string_keep_float_is_not_split_into_characters():
 
 
 @pytest.mark.parametrize("option,value", [
-    ("clip_search", "no"), ("clip_search", 1), ("symmetric", "yes"), ("ssc", "false"), ("hessian", "false"),
+    ("clip_search", "no"), ("clip_search", 1), ("clip_unit_gain", "true"), ("symmetric", "yes"), ("ssc", "false"), ("hessian", "false"),
     ("mrq", 0), ("act_order", "True"),
 ])
 def test_boolean_options_take_booleans_only(option, value):

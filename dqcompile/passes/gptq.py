@@ -30,14 +30,15 @@ def gptq_quantize(
     group_size: int = 0,
     *,
     clip_search: bool = False,
+    unit_gain: bool = False,
     damping: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
 ) -> QuantizedWeight:
     """GPTQ of a [N, K] weight with its input Hessian [K, K]; symmetric codes as `quantize_weight`.
 
-    Scales: one per output channel or per group of group_size input columns, from min/max (or the MSE
-    clip search) of the group's weights as they stand when GPTQ reaches the group's first column, so
+    Scales: one per output channel or per group of group_size input columns, from min/max (or the clip
+    search, unit_gain as `quantize_weight`'s) of the group's weights as they stand when GPTQ reaches the group's first column, so
     they include the error already pushed into the group (the GPTQ paper's lazy group scales). With
     act_order, columns go in order of decreasing diag(H) and the scales are fixed up front from the
     original weights, since a group is then not reached in one piece. Input columns the calibration
@@ -60,11 +61,12 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     def scale_of(columns: Tensor) -> Tensor:  # [N] from the [N, size] weights of one group
-        return quantize_weight(columns, bits, clip_search=clip_search).scale[:, 0]
+        return quantize_weight(columns, bits, clip_search=clip_search, unit_gain=unit_gain).scale[:, 0]
 
     scales = torch.zeros(n, groups, device=w.device)
     if act_order:
-        scales = quantize_weight(w, bits, group_size=group_size, clip_search=clip_search).scale.clone()
+        scales = quantize_weight(w, bits, group_size=group_size, clip_search=clip_search,
+                                 unit_gain=unit_gain).scale.clone()
         order = torch.argsort(torch.diag(h), descending=True)
     else:
         order = torch.arange(k, device=w.device)
@@ -138,7 +140,7 @@ def gptq_weights(gm: GraphModule, ctx: PassContext) -> None:
         try:
             quantized = gptq_quantize(
                 weight, hessian.to(weight.device), plan.weight.bits, plan.weight.group_size,
-                clip_search=plan.weight.clip_search, damping=options.damping,
+                clip_search=plan.weight.clip_search, unit_gain=plan.weight.clip_unit_gain, damping=options.damping,
                 block_size=options.block_size, act_order=options.act_order,
             )
         except (RuntimeError, ValueError) as error:  # torch.linalg raises RuntimeError subclasses

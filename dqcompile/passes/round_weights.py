@@ -21,5 +21,5 @@ def round_weights(gm: GraphModule, ctx: PassContext) -> None:
     for plan in tqdm(pending, desc="round weights", disable=not ctx.progress, leave=False):
         weight = gm.get_parameter(plan.weight_name).detach().float()
         quantized = quantize_weight(weight, plan.weight.bits, group_size=plan.weight.group_size,
-                                    clip_search=plan.weight.clip_search)
+                                    clip_search=plan.weight.clip_search, unit_gain=plan.weight.clip_unit_gain)
         plan.weight.set_rounded(quantized.qweight, quantized.scale, "rtn+clip" if plan.weight.clip_search else "rtn")

@@ -383,7 +383,8 @@ class _LayerQuantizer:
         self.plan = plan
         self.bits, self.group_size = plan.weight.bits, plan.weight.group_size
         w = weight.detach().float().to(device)
-        rtn = quantize_weight(w, self.bits, group_size=self.group_size, clip_search=plan.weight.clip_search)
+        rtn = quantize_weight(w, self.bits, group_size=self.group_size, clip_search=plan.weight.clip_search,
+                              unit_gain=plan.weight.clip_unit_gain)
         self.scale = rtn.scale  # [N, G]
         n, k = w.shape
         groups = self.scale.shape[1]
