@@ -245,10 +245,12 @@ def test_backend_registration() -> None:
     from dqcompile.backends import kernel, load_backend
 
     load_backend("triton")
-    for op in ("quantize_act", "ln_modulate_quantize", "gelu_quantize", "int_linear", "int_matmul"):
+    for op in ("quantize_act", "quantize_act_static", "ln_modulate_quantize", "gelu_quantize", "int_linear",
+               "int_matmul"):
         entry = kernel("triton", op)
         assert entry is not None and entry.kind == "triton_op", op
-    assert kernel("triton", "quantize_act_static") is None
+    for op in ("quantize_act_mrq", "quantize_act_per_sample", "int_attention"):
+        assert kernel("triton", op) is None, op
     assert kernel("triton", "int_linear").takes({"group_size": 128}) and not kernel("triton", "int_linear").takes(
         {"group_size": 24})
 
