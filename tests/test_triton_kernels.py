@@ -714,6 +714,20 @@ def test_cuda_with_kernels_matches_the_quantized_model(preset: str) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("bits", [8, 6])
+def test_cuda_quantize_act_static(bits: int) -> None:
+    """The static quantizer at a DiT-XL/2 activation shape, per tensor and per sample: the reference's codes."""
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(4, 1024, 1152, generator=gen) * 3).to(torch.bfloat16).cuda()
+    per_tensor = (torch.tensor([0.02]).cuda(), torch.tensor([3], dtype=torch.int32).cuda())
+    per_sample = ((torch.rand(4, 1, 1, generator=gen) * 0.05 + 0.005).cuda(),
+                  torch.randint(-4, 5, (4, 1, 1), dtype=torch.int32, generator=gen).cuda())
+    for scale, zero in (per_tensor, per_sample):
+        assert torch.equal(quantize_act_static(x, scale, zero, bits), reference.quantize_act_static(x, scale, zero, bits))
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_triton_op_under_inductor() -> None:
     """The launchers as torch.library.triton_op bodies: torch.compile (Inductor) launches the kernels from its
     generated code, TMA descriptors' scratch included, and gives the eager results bit for bit."""
