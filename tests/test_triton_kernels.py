@@ -528,8 +528,10 @@ def test_interp_launchers_trace_symbolic_rows_without_guards(monkeypatch: pytest
                    x3: torch.Tensor, mod: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
                    w_sum: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 4, 0, torch.bfloat16, w_sum)
+        per_tensor = (w_scale[:1, 0], torch.zeros(1, dtype=torch.int32))
         return ((out,) + quantize_act(x, 8, 0, True) + gelu_quantize(x, "tanh", 8, 64, False)
-                + ln_modulate_quantize(x3, None, None, 1e-6, mod, mod, 8, 0, True))
+                + ln_modulate_quantize(x3, None, None, 1e-6, mod, mod, 8, 0, True)
+                + (quantize_act_static(x, x_scale, x_zero, 8), quantize_act_static(x, *per_tensor, 8)))
 
     samples = max(2, rows // 8)
     graph = make_fx(launch_all, tracing_mode="symbolic")(
@@ -541,13 +543,14 @@ def test_interp_launchers_trace_symbolic_rows_without_guards(monkeypatch: pytest
     assert all(isinstance(size, torch.SymInt) for size in (placeholders[0].shape[0], placeholders[4].shape[0]))
     outputs = [arg.meta["val"] for arg in graph.graph.output_node().args[0]]
     assert [tuple(t.shape[1:]) for t in outputs] == [(40,), (256,), (1,), (1,), (256,), (4,), (4,), (8, 256),
-                                                      (8, 1), (8, 1)]
+                                                      (8, 1), (8, 1), (256,), (256,)]
     assert outputs[0].dtype == torch.bfloat16
     shape_env = placeholders[0].shape[0].node.shape_env
     row_guards = [str(guard.expr) for guard in shape_env.guards if guard.expr.free_symbols & row_symbols]
     assert row_guards == []
     names = [getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, _ in launches]
-    assert names == ["_int_gemm_kernel", "_quantize_act_kernel", "_quantize_act_kernel", "_ln_modulate_quantize_kernel"]
+    assert names == ["_int_gemm_kernel", "_quantize_act_kernel", "_quantize_act_kernel", "_ln_modulate_quantize_kernel",
+                     "_quantize_static_kernel", "_quantize_static_kernel"]
 
 
 @interp
