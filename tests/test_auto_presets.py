@@ -29,9 +29,15 @@ def test_every_width_has_a_recommended_preset_and_candidates():
             spec = QuantSpec.from_preset(candidate)
             assert set(candidate.removeprefix(name + "-").split("-")) <= set(PIECES), candidate
             assert (spec.weights.bits, spec.activations.bits) == (w_bits, a_bits)
-            # The fast path: dynamic per-token activations; per-channel weights unless the name says groups.
-            assert spec.activations.mode == "dynamic_token", candidate
-            assert spec.weights.group_size == (128 if "g128" in candidate else 0), candidate
+            # The fast path: dynamic activations per token (and group where the name says "ag"); per-channel
+            # weights unless the name says groups.
+            pieces = candidate.split("-")
+            grouped_activations = any(piece.startswith("ag") for piece in pieces)
+            assert spec.activations.mode == ("dynamic_group" if grouped_activations else "dynamic_token"), candidate
+            group = next((int(piece.removeprefix("ag").removeprefix("g")) for piece in pieces
+                          if piece.startswith(("g", "ag")) and piece.lstrip("ag").isdigit()), 0)
+            assert spec.weights.group_size == group, candidate
+            assert spec.fit_group_sizes == bool(group), candidate
             assert ("gptq" in candidate) == (spec.weights.rounding == "gptq"), candidate
             recon = spec.method == "ptq4dit" and spec.options.reconstruction.enabled
             assert ("recon" in candidate) == recon, candidate
