@@ -40,7 +40,9 @@ launches the kernel with no Python body per call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -486,28 +488,58 @@ def _tma_allowed(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _tma_addressable(t: torch.Tensor) -> bool:
+class Rows(NamedTuple):
+    """A tensor the kernel addresses as an [M, C] matrix: the tensor (its storage) and the element strides
+    between rows and between columns."""
+
+    tensor: torch.Tensor
+    row_stride: int
+    col_stride: int
+
+
+def _matrix(t: torch.Tensor) -> Rows:
+    """A 2-D tensor as it stands."""
+    return Rows(t, t.stride(0), t.stride(1))
+
+
+def _rows(t: torch.Tensor, leading: tuple[int, ...], columns: int, *, row_major: bool = False) -> Rows:
+    """`t` ([*leading, columns], or anything broadcastable to it) as M = prod(leading) rows.
+
+    A tensor of exactly that shape, contiguous, is taken as it is; anything else is broadcast and reshaped
+    (and made row-major when asked). The fast path matters for compile time, not run time: torch.compile
+    traces each launcher once per call site, and with a symbolic batch every reshape there costs tens of
+    milliseconds of symbolic shape reasoning (about two thirds of this launcher's trace on CPU).
+    """
+    if t.dim() == len(leading) + 1 and tuple(t.shape) == (*leading, columns) and t.is_contiguous():
+        return Rows(t, columns, 1)
+    flat = torch.broadcast_to(t, (*leading, columns)).reshape(-1, columns)
+    return _matrix(_row_major(flat) if row_major else flat)
+
+
+def _tma_addressable(rows: Rows) -> bool:
     """TMA needs a 16-byte aligned base and row stride, and unit stride along rows (shapes / strides only:
     the storage itself comes 16-byte aligned from torch's allocators)."""
-    size = t.element_size()
-    return t.stride(-1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+    size = rows.tensor.element_size()
+    return (rows.col_stride == 1 and (rows.row_stride * size) % 16 == 0
+            and (rows.tensor.storage_offset() * size) % 16 == 0)
 
 
-def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_zero: torch.Tensor | None,
-            w_scale: torch.Tensor | None, w_sum: torch.Tensor | None, bias: torch.Tensor | None,
-            out: torch.Tensor, k: int, w_int4: bool, group_size: int, acc_only: bool,
+def _launch(qx: Rows, qw: Rows, x_scale: Rows | None, x_zero: Rows | None,
+            w_scale: Rows | None, w_sum: torch.Tensor | None, bias: torch.Tensor | None,
+            out: Rows, m: int, n: int, k: int, w_int4: bool, group_size: int, acc_only: bool,
             config: GemmConfig) -> None:
-    """Launch the kernel on 2-D operands; scale / zero tensors are [M, G] / [N, G] (any strides)."""
-    m, n = out.shape
+    """Launch the kernel on [M, K] codes, the [N, K'] weight, [M, G] activation scales / zeros, [N, G] weight
+    scales, [N, G] contiguous w_sum and an [M, N] output, each addressed by its strides."""
     if w_int4:
         block_k = CHUNK if group_size == 0 else 64
     else:
         block_k = config.block_k
     if group_size and group_size % block_k:
         raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
-    config = _fit_stages(config, block_k, w_int4, out.element_size(), qx.device)
+    device = qx.tensor.device
+    config = _fit_stages(config, block_k, w_int4, out.tensor.element_size(), device)
     mask_k = k % (CHUNK if w_int4 else block_k) != 0
-    tma_possible = (_tma_allowed(qx.device) or (INTERPRETING and config.tma is True)) \
+    tma_possible = (_tma_allowed(device) or (INTERPRETING and config.tma is True)) \
         and _tma_addressable(qx) and _tma_addressable(qw) and not (w_int4 and mask_k)
     use_tma = tma_possible if config.tma is None else config.tma
     if use_tma and not tma_possible:
@@ -516,21 +548,19 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         _ensure_allocator()
     # The persistent programs stride over the tiles, so any count is correct; sized from M's hint.
     tiles = triton.cdiv(size_hint(m), config.block_m) * triton.cdiv(n, config.block_n)
-    programs = max(1, min(tiles, config.num_programs or config.ctas_per_sm * _sm_count(qx.device)))
+    programs = max(1, min(tiles, config.num_programs or config.ctas_per_sm * _sm_count(device)))
     # Unused pointer arguments get a live tensor so the signature stays fixed; the flags skip them.
-    placeholder = out
-    x_scale_arg = x_scale if x_scale is not None else placeholder
-    x_zero_arg = x_zero if x_zero is not None else placeholder
-    w_scale_arg = w_scale if w_scale is not None else placeholder
+    unused = Rows(out.tensor, 0, 0)
+    x_scale_arg, x_zero_arg, w_scale_arg = (rows if rows is not None else unused for rows in (x_scale, x_zero, w_scale))
     launcher(_int_gemm_kernel)[(programs,)](
-        qx, qw, x_scale_arg, x_zero_arg, w_scale_arg,
-        w_sum if w_sum is not None else placeholder,
-        bias if bias is not None else placeholder, out,
-        m, n, k, qw.shape[1], programs,
-        qx.stride(0), qw.stride(0), out.stride(0),
-        x_scale_arg.stride(0), x_scale_arg.stride(1) if x_scale is not None else 0,
-        x_zero_arg.stride(0), x_zero_arg.stride(1) if x_zero is not None else 0,
-        w_scale_arg.stride(0), w_scale_arg.stride(1) if w_scale is not None else 0,
+        qx.tensor, qw.tensor, x_scale_arg.tensor, x_zero_arg.tensor, w_scale_arg.tensor,
+        w_sum if w_sum is not None else out.tensor,
+        bias if bias is not None else out.tensor, out.tensor,
+        m, n, k, qw.tensor.shape[1], programs,
+        qx.row_stride, qw.row_stride, out.row_stride,
+        x_scale_arg.row_stride, x_scale_arg.col_stride,
+        x_zero_arg.row_stride, x_zero_arg.col_stride,
+        w_scale_arg.row_stride, w_scale_arg.col_stride,
         w_sum.stride(0) if w_sum is not None else 0,
         GROUP_SIZE=group_size,
         W_INT4=w_int4,
@@ -549,11 +579,6 @@ def _launch(qx: torch.Tensor, qw: torch.Tensor, x_scale: torch.Tensor | None, x_
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-
-
-def _as_rows(t: torch.Tensor, leading: tuple[int, ...], groups: int) -> torch.Tensor:
-    """Broadcast a per-row tensor ([..., G], [..., 1], [1] or scalar) to [M, G] without copying when possible."""
-    return torch.broadcast_to(t, (*leading, groups)).reshape(-1, groups)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -607,12 +632,12 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     if groups == 1:
         group_size = 0  # one group spanning K is the per-channel path
 
-    qx2 = _row_major(qx.reshape(-1, k))
+    qx_rows = _rows(qx, leading, k, row_major=True)
     qw = _row_major(qw)
-    m = qx2.shape[0]
-    xs = _as_rows(x_scale.float(), leading, groups)
-    xz = _as_rows(x_zero.to(torch.int32), leading, groups) if x_zero is not None else None
-    ws = w_scale.float().reshape(n, groups)
+    m = math.prod(leading)
+    xs = _rows(x_scale.float(), leading, groups)
+    xz = _rows(x_zero.to(torch.int32), leading, groups) if x_zero is not None else None
+    ws = _matrix(w_scale.float().reshape(n, groups))
     if xz is not None and w_sum is None:
         w_sum = weight_group_sums(qw, w_bits, group_size)
     if w_sum is not None:
@@ -623,7 +648,8 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     config = config or choose_gemm_config(m, n, k, group_size, qx.device, w_int4=w_int4)
     if not w_int4 and group_size and group_size % config.block_k:
         config = replace(config, block_k=_int8_block_k(group_size))
-    _launch(qx2, qw, xs, xz, ws, w_sum, bias, out.view(m, n), k, w_int4, group_size, False, config)
+    _launch(qx_rows, _matrix(qw), xs, xz, ws, w_sum, bias, Rows(out, n, 1), m, n, k, w_int4, group_size, False,
+            config)
     return out
 
 
@@ -645,6 +671,7 @@ def triton_int_matmul(a: torch.Tensor, b: torch.Tensor, *, w_bits: int = 8,
     if out.numel() == 0:
         return out
     a, b = _row_major(a), _row_major(b)
-    config = config or choose_gemm_config(a.shape[0], b.shape[0], k, 0, a.device, w_int4=w_int4)
-    _launch(a, b, None, None, None, None, None, out, k, w_int4, 0, True, config)
+    m, n = out.shape
+    config = config or choose_gemm_config(m, n, k, 0, a.device, w_int4=w_int4)
+    _launch(_matrix(a), _matrix(b), None, None, None, None, None, _matrix(out), m, n, k, w_int4, 0, True, config)
     return out

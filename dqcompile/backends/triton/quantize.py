@@ -43,6 +43,7 @@ outputs are allocated inside, and kernels launch through `torch.library.wrap_tri
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -355,9 +356,7 @@ def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     if q.numel() == 0:
         return q
     channels = x.shape[-1]
-    x2 = x.reshape(-1, channels)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, _, row_stride = _as_rows(x)
     per_row = scale.numel() != 1 or zero.numel() != 1
     if per_row:  # one (scale, zero) per row of x2 (a copy of at most one value per row)
         row_shape = (*x.shape[:-1], 1)
@@ -365,10 +364,25 @@ def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         zero = torch.broadcast_to(zero, row_shape).reshape(-1).contiguous()
     block = 1024
     launcher(_quantize_static_kernel)[(triton.cdiv(q.numel(), block),)](
-        x2, q, scale.float(), zero.to(torch.int32), q.numel(), channels, x2.stride(0),
+        x2, q, scale.float(), zero.to(torch.int32), q.numel(), channels, row_stride,
         SCALE_PER_ROW=per_row, QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1, BLOCK=block, num_warps=4,
     )
     return q
+
+
+def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x or a row-major copy, its rows M = prod(x.shape[:-1]), the element stride between rows).
+
+    A contiguous x is taken as it is, with no reshape: torch.compile traces a launcher once per call site,
+    and with a symbolic batch each reshape costs milliseconds of symbolic shape reasoning there.
+    """
+    channels = x.shape[-1]
+    if x.is_contiguous():
+        return x, math.prod(x.shape[:-1]), channels
+    x2 = x.reshape(-1, channels)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.shape[0], x2.stride(0)
 
 
 def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int]:
@@ -420,14 +434,11 @@ def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     zero = torch.empty((*leading, num_groups), dtype=torch.int32, device=x.device)
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if store_h else None
     if q.numel() != 0:
-        x2 = x.reshape(-1, channels)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        rows = x2.shape[0]
+        x2, rows, row_stride = _as_rows(x)
         segments = _row_segments(num_groups, group_len)
         block_r, num_warps = _rows_per_program(segments)
         launcher(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
-            x2, q, scale, zero, h if h is not None else q, rows, x2.stride(0),
+            x2, q, scale, zero, h if h is not None else q, rows, row_stride,
             NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
             PRE_OP=pre_op, STORE_H=store_h, BLOCK_R=block_r, **segments, num_warps=num_warps,
         )
@@ -467,14 +478,21 @@ def gelu_quantize(x: torch.Tensor, approximate: str, bits: int, group_size: int,
     return _quantize_rows(x, bits, group_size, symmetric, GELU_APPROXIMATIONS[approximate], return_activation)
 
 
-def _modulation_view(mod: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
-    """[B, C] (per sample) or anything broadcastable to x's [B, T, C], as a [B, T, C] view (stride 0 on T)."""
+def _modulation_view(mod: torch.Tensor, shape: torch.Size, name: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """[B, C] (per sample) or anything broadcastable to x's [B, T, C]: the tensor and its (b, t, c) strides
+    as a [B, T, C] view (stride 0 on T for per-sample modulation).
+
+    The per-sample case, DiT's, is read through strides with no view op (see `_as_rows` on why).
+    """
+    if mod.dim() == 2 and tuple(mod.shape) == (shape[0], shape[2]):
+        return mod, (mod.stride(0), 0, mod.stride(1))
     if mod.dim() == 2 and mod.shape[0] == shape[0]:
         mod = mod.unsqueeze(1)
     try:
-        return torch.broadcast_to(mod, shape)
+        view = torch.broadcast_to(mod, shape)
     except RuntimeError as error:
         raise ValueError(f"{name} of shape {tuple(mod.shape)} does not broadcast to x {tuple(shape)}") from error
+    return view, (view.stride(0), view.stride(1), view.stride(2))
 
 
 def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
@@ -508,8 +526,8 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
             raise ValueError(f"{name} must be [{channels}], got {tuple(param.shape)}")
     ln_weight = ln_weight.contiguous() if ln_weight is not None else None
     ln_bias = ln_bias.contiguous() if ln_bias is not None else None
-    mod_scale = _modulation_view(scale, x.shape, "scale")
-    mod_shift = _modulation_view(shift, x.shape, "shift")
+    mod_scale, mod_scale_strides = _modulation_view(scale, x.shape, "scale")
+    mod_shift, mod_shift_strides = _modulation_view(shift, x.shape, "shift")
     if x.stride(-1) != 1:
         x = x.contiguous()
 
@@ -528,10 +546,10 @@ def ln_modulate_quantize(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
             q, x_scale, x_zero, h if h is not None else q,
             tokens, float(eps),
             x.stride(0), x.stride(1),
-            *mod_scale.stride(), *mod_shift.stride(),
+            *mod_scale_strides, *mod_shift_strides,
             NUM_GROUPS=num_groups, GROUP_LEN=group_len, BITS=bits, SYMMETRIC=symmetric,
             HAS_LN_WEIGHT=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
-            MOD_PER_TOKEN=mod_scale.stride(1) != 0 or mod_shift.stride(1) != 0,
+            MOD_PER_TOKEN=mod_scale_strides[1] != 0 or mod_shift_strides[1] != 0,
             STORE_H=return_normalized, BLOCK_T=block_t, **segments, num_warps=num_warps,
         )
     outputs = (q, x_scale, x_zero) + ((h,) if return_normalized else ())
