@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1 (the launchers take CPU tensors only under the interpreter)")
-    torch.library.wrap_triton = _NoLaunch  # before the launchers are imported, which bind it at call time
+    torch.library.wrap_triton = _NoLaunch  # the launchers look it up at each call
     from dqcompile.backends.triton import gemm, quantize
 
     gen = torch.Generator().manual_seed(0)

@@ -322,6 +322,26 @@ def test_interp_quantize_act_bit_exact(shape: tuple[int, ...], group_size: int, 
 
 
 @interp
+def test_interp_launchers_take_non_contiguous_operands() -> None:
+    """Contiguous operands are addressed by strides with no reshape; the others (a transposed batch, a
+    column slice, scales of another layout) go through the copy path: both give the reference's results."""
+    gen = torch.Generator().manual_seed(5)
+    qx = torch.randint(-128, 128, (3, 2, 64), dtype=torch.int8, generator=gen).transpose(0, 1)  # [2, 3, 64]
+    x_scale = (torch.rand(3, 2, 1, generator=gen) + 0.1).transpose(0, 1)
+    x_zero = torch.randint(-5, 6, (3, 2, 1), dtype=torch.int32, generator=gen).transpose(0, 1)
+    _, qw = _weights(48, 64, 8, "cpu", gen)
+    w_scale, bias = torch.rand(48, 1, generator=gen), torch.randn(48, generator=gen).to(torch.bfloat16)
+    assert not qx.is_contiguous() and not x_scale.is_contiguous()
+    _assert_bit_identical(triton_int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 8, 0, torch.bfloat16),
+                          reference.int_linear(qx, x_scale, x_zero, qw, w_scale, bias, 8, 0, torch.bfloat16))
+    wide = torch.randn(4, 5, 96, generator=gen)
+    for x in (wide.transpose(0, 1), wide[..., :64]):
+        assert not x.is_contiguous()
+        _check_quantize_act(x, 8, 0, False)
+        _check_quantize_act(x, 8, 16, True)
+
+
+@interp
 def test_interp_quantize_act_edge_cases() -> None:
     """Exact .5 ties (round half to even), an all-zero token, one-signed tokens, bf16 input, 32-wide groups."""
     ties = torch.arange(-127, 128, dtype=torch.float32)[:64] + 0.5
