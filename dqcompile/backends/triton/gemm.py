@@ -40,7 +40,6 @@ launches the kernel with no Python body per call.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -49,7 +48,7 @@ import triton
 import triton.language as tl
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, launcher, mul_rn, round_to
+from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, as_rows, launcher, mul_rn, round_to
 from dqcompile.quant.packing import CHUNK, unpack_int4
 
 __all__ = [
@@ -502,18 +501,12 @@ def _matrix(t: torch.Tensor) -> Rows:
     return Rows(t, t.stride(0), t.stride(1))
 
 
-def _rows(t: torch.Tensor, leading: tuple[int, ...], columns: int, *, row_major: bool = False) -> Rows:
-    """`t` ([*leading, columns], or anything broadcastable to it) as M = prod(leading) rows.
-
-    A tensor of exactly that shape, contiguous, is taken as it is; anything else is broadcast and reshaped
-    (and made row-major when asked). The fast path matters for compile time, not run time: torch.compile
-    traces each launcher once per call site, and with a symbolic batch every reshape there costs tens of
-    milliseconds of symbolic shape reasoning (about two thirds of this launcher's trace on CPU).
-    """
+def _per_row(t: torch.Tensor, leading: tuple[int, ...], columns: int) -> Rows:
+    """A per-row tensor (scales or zero points: [*leading, columns], or anything broadcastable to it) as
+    M = prod(leading) rows; one of exactly that shape, contiguous, as it is (no reshape: `as_rows`)."""
     if t.dim() == len(leading) + 1 and tuple(t.shape) == (*leading, columns) and t.is_contiguous():
         return Rows(t, columns, 1)
-    flat = torch.broadcast_to(t, (*leading, columns)).reshape(-1, columns)
-    return _matrix(_row_major(flat) if row_major else flat)
+    return _matrix(torch.broadcast_to(t, (*leading, columns)).reshape(-1, columns))
 
 
 def _tma_addressable(rows: Rows) -> bool:
@@ -632,11 +625,10 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     if groups == 1:
         group_size = 0  # one group spanning K is the per-channel path
 
-    qx_rows = _rows(qx, leading, k, row_major=True)
+    qx_codes, m, qx_row_stride = as_rows(qx)
     qw = _row_major(qw)
-    m = math.prod(leading)
-    xs = _rows(x_scale.float(), leading, groups)
-    xz = _rows(x_zero.to(torch.int32), leading, groups) if x_zero is not None else None
+    xs = _per_row(x_scale.float(), leading, groups)
+    xz = _per_row(x_zero.to(torch.int32), leading, groups) if x_zero is not None else None
     ws = _matrix(w_scale.float().reshape(n, groups))
     if xz is not None and w_sum is None:
         w_sum = weight_group_sums(qw, w_bits, group_size)
@@ -648,7 +640,7 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     config = config or choose_gemm_config(m, n, k, group_size, qx.device, w_int4=w_int4)
     if not w_int4 and group_size and group_size % config.block_k:
         config = replace(config, block_k=_int8_block_k(group_size))
-    _launch(qx_rows, _matrix(qw), xs, xz, ws, w_sum, bias, Rows(out, n, 1), m, n, k, w_int4, group_size, False,
+    _launch(Rows(qx_codes, qx_row_stride, 1), _matrix(qw), xs, xz, ws, w_sum, bias, Rows(out, n, 1), m, n, k, w_int4, group_size, False,
             config)
     return out
 

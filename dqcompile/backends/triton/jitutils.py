@@ -8,6 +8,7 @@ kernels give the GPU's results.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -22,6 +23,23 @@ except ImportError:  # pragma: no cover - old Triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETING)
+
+
+def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """x [..., C] as M = prod(x.shape[:-1]) rows of C for a kernel: (x or a row-major copy, M, the element
+    stride between rows).
+
+    A contiguous x is taken as it is, with no reshape: torch.compile traces a launcher once per call site,
+    and with a symbolic batch each reshape costs milliseconds of symbolic shape reasoning there
+    (benchmarks/bench_launcher_trace.py).
+    """
+    channels = x.shape[-1]
+    if x.is_contiguous():
+        return x, math.prod(x.shape[:-1]), channels
+    x2 = x.reshape(-1, channels)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.shape[0], x2.stride(0)
 
 
 def launcher(kernel: Any) -> Any:

@@ -43,7 +43,6 @@ outputs are allocated inside, and kernels launch through `torch.library.wrap_tri
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -52,7 +51,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dqcompile.backends.triton import require_kernel_device
-from dqcompile.backends.triton.jitutils import launcher, round_to
+from dqcompile.backends.triton.jitutils import as_rows, launcher, round_to
 from dqcompile.quant.uniform import MIN_SCALE
 
 __all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quantize_act", "quantize_act_static"]
@@ -356,7 +355,7 @@ def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     if q.numel() == 0:
         return q
     channels = x.shape[-1]
-    x2, _, row_stride = _as_rows(x)
+    x2, _, row_stride = as_rows(x)
     per_row = scale.numel() != 1 or zero.numel() != 1
     if per_row:  # one (scale, zero) per row of x2 (a copy of at most one value per row)
         row_shape = (*x.shape[:-1], 1)
@@ -368,21 +367,6 @@ def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         SCALE_PER_ROW=per_row, QMIN=-(2 ** (bits - 1)), QMAX=2 ** (bits - 1) - 1, BLOCK=block, num_warps=4,
     )
     return q
-
-
-def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(x or a row-major copy, its rows M = prod(x.shape[:-1]), the element stride between rows).
-
-    A contiguous x is taken as it is, with no reshape: torch.compile traces a launcher once per call site,
-    and with a symbolic batch each reshape costs milliseconds of symbolic shape reasoning there.
-    """
-    channels = x.shape[-1]
-    if x.is_contiguous():
-        return x, math.prod(x.shape[:-1]), channels
-    x2 = x.reshape(-1, channels)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return x2, x2.shape[0], x2.stride(0)
 
 
 def _group_layout(channels: int, group_size: int, bits: int) -> tuple[int, int]:
@@ -434,7 +418,7 @@ def _quantize_rows(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     zero = torch.empty((*leading, num_groups), dtype=torch.int32, device=x.device)
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if store_h else None
     if q.numel() != 0:
-        x2, rows, row_stride = _as_rows(x)
+        x2, rows, row_stride = as_rows(x)
         segments = _row_segments(num_groups, group_len)
         block_r, num_warps = _rows_per_program(segments)
         launcher(_quantize_act_kernel)[(triton.cdiv(rows, block_r),)](
@@ -482,7 +466,7 @@ def _modulation_view(mod: torch.Tensor, shape: torch.Size, name: str) -> tuple[t
     """[B, C] (per sample) or anything broadcastable to x's [B, T, C]: the tensor and its (b, t, c) strides
     as a [B, T, C] view (stride 0 on T for per-sample modulation).
 
-    The per-sample case, DiT's, is read through strides with no view op (see `_as_rows` on why).
+    The per-sample case, DiT's, is read through strides with no view op (see `jitutils.as_rows` on why).
     """
     if mod.dim() == 2 and tuple(mod.shape) == (shape[0], shape[2]):
         return mod, (mod.stride(0), 0, mod.stride(1))
