@@ -126,15 +126,17 @@ def _baselines(row: Callable[..., Any], width: str, *, static: bool) -> list[Any
     return rows
 
 
-def ptq4dit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8")) -> list[Any]:
-    """PTQ4DiT against RTN in its activation mode (static per tensor), RTN dynamic per token and torchao."""
+def ptq4dit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w4a8"),
+                 recon_widths: tuple[str, ...] = ("w8a8", "w4a8")) -> list[Any]:
+    """PTQ4DiT against RTN in its activation mode (static per tensor), RTN dynamic per token and torchao;
+    the block-reconstruction rows at the widths in `recon_widths`."""
     rows = [row("fp")]
     for width in widths:
         rows += _baselines(row, width, static=True)
-        rows += [row(f"CSB+SSC {width}", f"ptq4dit-{width}"),
-                 row(f"CSB+SSC+recon {width}", _recon(f"ptq4dit-{width}")),
-                 row(f"CSB+SSC {width} dynamic", f"ptq4dit-{width}-dyn"),
-                 row(f"CSB+SSC+recon {width} dynamic", _recon(f"ptq4dit-{width}-dyn"))]
+        rows += [row(f"CSB+SSC {width}", f"ptq4dit-{width}"), row(f"CSB+SSC {width} dynamic", f"ptq4dit-{width}-dyn")]
+        if width in recon_widths:
+            rows += [row(f"CSB+SSC+recon {width}", _recon(f"ptq4dit-{width}")),
+                     row(f"CSB+SSC+recon {width} dynamic", _recon(f"ptq4dit-{width}-dyn"))]
     return rows
 
 
@@ -195,14 +197,15 @@ def tiers(row: Callable[..., Any]) -> dict[str, list[Any]]:
     methods-1: the recommended-preset candidates (w4a8, where the methods have the most to win, then
         w6a6, then w8a8, whose RTN is already near float) against RTN dynamic per token and torchao;
     methods-2: PTQ4DiT at w4a8, TQ-DiT at w6a6, Q-DiT at w4a8, with their baselines;
-    methods-3: PTQ4DiT and TQ-DiT at w8a8, Q-DiT at w6a8;
+    methods-3: PTQ4DiT and TQ-DiT at w8a8, Q-DiT at w6a8 (no reconstruction rows: PTQ4DiT reports its W8A8
+        results without it, and each costs minutes);
     auto-final: the three recommended presets against the baselines, for the confirming run at 5,000+.
     """
     from dqcompile.methods.auto import RECOMMENDED
 
     first = _unique(auto_rows(row, ("w4a8",)) + auto_rows(row, ("w6a6",)) + auto_rows(row, ("w8a8",)))
     second = _unique(ptq4dit_rows(row, ("w4a8",)) + tqdit_rows(row, ("w6a6",)) + qdit_rows(row, (4,)))
-    third = _unique(ptq4dit_rows(row, ("w8a8",)) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
+    third = _unique(ptq4dit_rows(row, ("w8a8",), recon_widths=()) + tqdit_rows(row, ("w8a8",)) + qdit_rows(row, (6,)))
     final = [row("fp")]
     for name in RECOMMENDED:  # auto-w8a8, auto-w4a8, auto-w6a6
         final += _baselines(row, name.removeprefix("auto-"), static=False) + [row(name, name)]
@@ -242,6 +245,15 @@ def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
         "auto": ("the recommended-preset candidates per width against RTN dynamic per token and torchao",
                  auto_rows(row)),
     }
+    sets["ptq4dit-recon-w4a8"] = ("PTQ4DiT w4a8 with block reconstruction, static and dynamic (the slow rows alone)",
+                                  [row("fp")] + [r for r in ptq4dit_rows(row, ("w4a8",)) if "recon" in r.label
+                                                 or r.label == "CSB+SSC w4a8 dynamic"])
+    sets["qdit-w4a8-rest"] = ("Q-DiT w4a8's unit-gain clip search and per-sample rows (RTN per-sample beside them)",
+                              [row("fp")] + [r for r in qdit_rows(row, (4,)) if "unit-gain" in r.label
+                                             or "per-sample" in r.label])
+    sets["auto-groups"] = ("the group candidates: auto-w4a8-g128-gptq (weights in groups of 128) and "
+                           "auto-w6a6-ag64-gptq (weights and activations in groups of 64)",
+                           [row("fp")] + [r for r in auto_rows(row) if r.spec in ("auto-w4a8-g128-gptq", "auto-w6a6-ag64-gptq")])
     for width in ("w8a8", "w4a8", "w6a6"):
         sets[f"auto-{width}"] = (f"the {width} candidates", auto_rows(row, (width,)))
     for width in ("w8a8", "w4a8"):
