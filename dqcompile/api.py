@@ -182,7 +182,9 @@ def _model_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
     derived = set(gm.meta.get(DERIVED_META, ()))
     tensors = {name: t for name, t in gm.named_parameters()}
     tensors.update({name: t for name, t in gm.named_buffers() if name not in derived})
-    return {name: t.detach().contiguous() for name, t in tensors.items()}
+    # A view of a larger storage (the stacked sibling weights) is saved as its own tensor.
+    return {name: t.detach().contiguous() if t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            else t.detach().clone() for name, t in tensors.items()}
 
 
 def _sha256(path: Path) -> str:

@@ -12,6 +12,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils._pytree import tree_unflatten
 
 from dqcompile.capture import CallBinding
+from dqcompile.backends.merge import pack_sibling_weights
 from dqcompile.passes.retarget_device import retarget_device
 from dqcompile.plan import ModelPlan
 from dqcompile.report import QuantReport
@@ -117,7 +118,8 @@ class QuantizedModel(nn.Module):
         (Triton on CUDA, ATen decompositions on CPU), "reference", or a backend name. Outputs match this
         model's within the output dtype's rounding (docs/CONTRACTS.md).
 
-        The copy shares this model's tensors (no extra memory). Apply it last: LoRA branches added
+        The copy shares this model's tensors (no extra memory; its merged q/k/v GEMMs read views spanning
+        their stacked weights). Apply it last: LoRA branches added
         afterwards go into the copy's graph as usual, but later `.to(device)` calls move the shared tensors
         of both models.
         """
@@ -143,6 +145,8 @@ class QuantizedModel(nn.Module):
             )
         super()._apply(fn, recurse)
         retarget_device(self.graph_module, self.device)
+        # Each buffer moved on its own: the sibling weights' shared block is rebuilt on the new device.
+        pack_sibling_weights(self.graph_module)
         self.__dict__.pop("_graphs_by_batch", None)  # they share the old tensors: lowered again on use
         return self
 

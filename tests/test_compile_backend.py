@@ -261,7 +261,27 @@ def test_triton_wiring_under_interpreter() -> None:
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "3 passed" in result.stdout, result.stdout[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
+
+
+@interp
+def test_interp_merged_qkv_gemm_on_triton() -> None:
+    """q, k and v as one Triton GEMM (N = 3 x 32 over a stacked weight) give the three GEMMs' outputs."""
+    qmodel = dqcompile.quantize(tiny_dit(num_layers=1), "w8a8", progress=False)
+    inputs = diffusers_inputs(2, 500)
+    results = {}
+    for merge in (False, True):
+        torch._dynamo.reset()
+        seen: list[tuple[RewriteSummary, int]] = []
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+            summary = rewrite_graph(gm, kernels="triton", merge=merge, example_inputs=example_inputs)
+            seen.append((summary, dqcompile_ops(gm)["dqcompile.int_linear_triton"]))
+            return gm.forward
+
+        results[merge] = call(torch.compile(qmodel, backend=backend), inputs)
+        assert seen[0][0].merged_linears == int(merge) and seen[0][1] == (4 if merge else 6)
+    assert torch.equal(results[True], results[False])
 
 
 @interp

@@ -10,14 +10,17 @@ What it does with the FX graph dynamo captured (a QuantizedModel's forward: ATen
 1. fusion (`dqcompile.backends.fusion`, option "fuse", default True): each `quantize_act` of a modulated
    LayerNorm becomes one `ln_modulate_quantize` shared by the linears that read it, each `quantize_act`
    of a GELU one `gelu_quantize`;
-2. kernel selection (`select_kernels`): every dqcompile node whose op has a kernel in the chosen
+2. merge (`dqcompile.backends.merge`, option "merge", default True): linears that read the same codes
+   (q, k and v) run as one GEMM over their weights, which the lowering stores as consecutive row
+   blocks of one tensor (no copy), and each layer reads a column slice of its output;
+3. kernel selection (`select_kernels`): every dqcompile node whose op has a kernel in the chosen
    backend's column of the op table (`dqcompile.backends.ops`) is re-targeted to it: an op
    `torch.ops.dqcompile.<op>_<backend>` with the same schema and fake (a custom op, or a `triton_op` whose
    Triton launches Inductor inlines), or a decomposition into ATen ops that Inductor compiles and fuses
    with its neighbours. Ops without a kernel there keep the reference. Independently of the backend,
    `int_linear` gets x_zero None after a symmetric quantizer and the weight's code sums as w_sum where
    the lowering did not pass them;
-3. Inductor (`torch._inductor.compile_fx.compile_fx`, with `mode`'s options, "reduce-overhead" included)
+4. Inductor (`torch._inductor.compile_fx.compile_fx`, with `mode`'s options, "reduce-overhead" included)
    compiles the rest: opaque dqcompile ops stay extern kernel calls, everything between them (residuals,
    attention, GELU, embeddings) and the decompositions are Inductor's. torch analyses each Triton launch
    it meets; `dqcompile.backends.kernel_analysis` makes that once per distinct launch, not per call site.
@@ -27,6 +30,7 @@ Options (`torch.compile(..., options={...})`, which dynamo passes to a registere
              "aten" on CPU), "reference", or a backend name ("triton", "aten", or any module's that
              registered kernels);
     fuse:    True (default) or False;
+    merge:   True (default) or False;
     any other key is an Inductor config option, as with backend="inductor" (e.g. "max_autotune");
     `mode=` ("max-autotune", "reduce-overhead", ...) is Inductor's mode, as with backend="inductor".
 
@@ -59,6 +63,7 @@ from torch.fx import GraphModule, Node
 from dqcompile.backends import load_backend, reference
 from dqcompile.backends.fusion import fuse_quantizers, node_value
 from dqcompile.backends.kernel_analysis import memoized_kernel_analysis
+from dqcompile.backends.merge import merge_sibling_linears
 from dqcompile.backends.ops import NAMESPACE, bind_arguments, kernel, op_def_of, positional_arguments
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class RewriteSummary:
 
     kernels: str
     fused: dict[str, int] = field(default_factory=dict)
+    merged_linears: int = 0
     retargeted: dict[str, int] = field(default_factory=dict)
     w_sums: int = 0
     symmetric_linears: int = 0
@@ -215,25 +221,32 @@ def select_kernels(gm: GraphModule, kernels: str) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------ the backend
 
-def rewrite_graph(gm: GraphModule, *, kernels: str = "auto", fuse: bool = True) -> RewriteSummary:
-    """The backend's own passes on a dynamo graph, in place: fusion, int_linear inputs, kernel selection."""
+def rewrite_graph(gm: GraphModule, *, kernels: str = "auto", fuse: bool = True, merge: bool = True,
+                  example_inputs: list | None = None) -> RewriteSummary:
+    """The backend's own passes on a dynamo graph, in place: fusion, sibling GEMMs merged, int_linear
+    inputs, kernel selection. `example_inputs`: the real tensors of the graph's placeholders (a dynamo
+    backend's second argument), which the merge reads the weights from."""
     summary = RewriteSummary(kernels=resolve_kernels(gm, kernels))
     if fuse:
         # The Triton GELU's erf is aten's only up to float32 rounding (see fuse_gelu_quantize).
         summary.fused = fuse_quantizers(gm, float32_erf=summary.kernels != "triton")
+    if merge:
+        summary.merged_linears = merge_sibling_linears(gm, example_inputs)
     summary.symmetric_linears, summary.w_sums = prepare_int_linears(gm)
     summary.retargeted = select_kernels(gm, summary.kernels)
-    log.info("dqcompile backend: kernels=%s, fused %s, %d symmetric linears, %d weight sums, re-targeted %s",
-             summary.kernels, summary.fused or "nothing", summary.symmetric_linears, summary.w_sums,
+    log.info("dqcompile backend: kernels=%s, fused %s, %d merged GEMMs, %d symmetric linears, %d weight sums, "
+             "re-targeted %s", summary.kernels, summary.fused or "nothing", summary.merged_linears,
+             summary.symmetric_linears, summary.w_sums,
              summary.retargeted or "nothing")
     return summary
 
 
-def make_backend(kernels: str = "auto", *, fuse: bool = True, mode: str | None = None,
+def make_backend(kernels: str = "auto", *, fuse: bool = True, merge: bool = True, mode: str | None = None,
                  inductor_options: dict[str, Any] | None = None) -> Callable[[GraphModule, list], Callable]:
     """A torch.compile backend (a callable) with these options; `backend="dqcompile"` builds the same one.
 
     kernels: "auto", "reference" or a backend name (see the module docstring); fuse: apply the fusion;
+    merge: run sibling linears (q, k, v) as one GEMM;
     mode / inductor_options: Inductor's mode and config options, as torch.compile takes them for Inductor.
     """
     _check_kernels(kernels)
@@ -243,7 +256,7 @@ def make_backend(kernels: str = "auto", *, fuse: bool = True, mode: str | None =
     config_patches = {**(list_mode_options(mode) if mode else {}), **(inductor_options or {})}
 
     def dqcompile_backend(gm: GraphModule, example_inputs: list) -> Callable:
-        rewrite_graph(gm, kernels=kernels, fuse=fuse)
+        rewrite_graph(gm, kernels=kernels, fuse=fuse, merge=merge, example_inputs=example_inputs)
         with memoized_kernel_analysis():  # one Triton-IR analysis per distinct launch, not per call site
             return compile_fx(gm, example_inputs, config_patches=config_patches or None)
 
@@ -256,7 +269,8 @@ def _registered_backend(gm: GraphModule, example_inputs: list, *, options: dict[
     options = dict(options or {})
     kernels = options.pop("kernels", "auto")
     fuse = options.pop("fuse", True)
-    return make_backend(kernels, fuse=fuse, mode=mode, inductor_options=options)(gm, example_inputs)
+    merge = options.pop("merge", True)
+    return make_backend(kernels, fuse=fuse, merge=merge, mode=mode, inductor_options=options)(gm, example_inputs)
 
 
 def register_backend() -> None:

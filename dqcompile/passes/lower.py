@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import dqcompile.backends.ops  # noqa: F401  (registers torch.ops.dqcompile)
+from dqcompile.backends.merge import pack_sibling_weights
 from dqcompile.calib.runner import TIMESTEP_ARGUMENTS
 from dqcompile.graph import through_transparent
 from dqcompile.passes.context import META_KEY
@@ -314,7 +315,9 @@ def lower(gm: GraphModule, plan: ModelPlan) -> None:
     asymmetric-activation layer's weight code sums (`weight_sum`, int32 [N, G], not persistent:
     derived from qweight); every linear node of a quantized layer and every planned attention node is
     replaced by the ops of its rule (module docstring), tagged with its plan; the float weights of
-    quantized layers are deleted, so the module really holds integer weights. The graph lints.
+    quantized layers are deleted, so the module really holds integer weights; the weight codes of linears
+    that read the same codes (q, k, v) are stacked in one tensor, each layer's a view of it
+    (`pack_sibling_weights`, for the compile backend's merged GEMM). The graph lints.
     """
     device = _graph_device(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -343,3 +346,4 @@ def lower(gm: GraphModule, plan: ModelPlan) -> None:
         (gm.get_submodule(owner) if owner else gm)._parameters.pop(leaf, None)
     gm.graph.lint()
     gm.recompile()
+    pack_sibling_weights(gm)
