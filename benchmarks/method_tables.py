@@ -254,6 +254,8 @@ def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
     sets["auto-groups"] = ("the group candidates: auto-w4a8-g128-gptq (weights in groups of 128) and "
                            "auto-w6a6-ag64-gptq (weights and activations in groups of 64)",
                            [row("fp")] + [r for r in auto_rows(row) if r.spec in ("auto-w4a8-g128-gptq", "auto-w6a6-ag64-gptq")])
+    sets["auto-ag64"] = ("auto-w6a6-ag64-gptq alone (weights and 6-bit activations in groups of 64)",
+                         [row("fp")] + [r for r in auto_rows(row, ("w6a6",)) if r.spec == "auto-w6a6-ag64-gptq"])
     for width in ("w8a8", "w4a8", "w6a6"):
         sets[f"auto-{width}"] = (f"the {width} candidates", auto_rows(row, (width,)))
     for width in ("w8a8", "w4a8"):
