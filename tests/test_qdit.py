@@ -79,6 +79,8 @@ def test_per_layer_groups_run_close_to_float(per_layer_model):
 
 def test_group_size_that_does_not_divide_is_fitted_or_refused_with_the_layer_name():
     assert fit_group_size(128, 192) == 96 and fit_group_size(128, 768) == 128 and fit_group_size(128, 1152) == 128
+    assert fit_group_size(64, 288) == 32  # a multiple of 32 (the Triton GEMM's) before 48
+    assert fit_group_size(64, 48) == 48 and fit_group_size(128, 80) == 80  # only multiples of 16 divide these
     assert fit_group_size(128, 40) == 0  # no multiple of 16 divides 40
     refused = QuantSpec(weights=WeightSpec(bits=4, group_size=128), activations=ActivationSpec(mode="dynamic_group"))
     with pytest.raises(ValueError, match=r"layer transformer_blocks\.0\.attn1\.to_q: weights\.group_size=128 does not divide its 32"):

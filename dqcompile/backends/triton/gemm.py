@@ -332,14 +332,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _int8_block_k(group_size: int) -> int:
-    """The int8 K step: 128 (wgmma consumes K in steps of 32 bytes), or the largest of 128 / 64 / 32 / 16
-    that divides the group."""
+    """The int8 K step: 128, or the largest of 128 / 64 / 32 that divides the group. Not less than 32:
+    Triton refuses an int8 dot narrower than 32 on sm_90 (wgmma consumes K in steps of 32 bytes), which
+    the interpreter does not check."""
     if group_size == 0:
         return 128
-    for block_k in (128, 64, 32, 16):
+    for block_k in (128, 64, 32):
         if group_size % block_k == 0:
             return block_k
-    raise ValueError(f"group_size must be a multiple of 16 for the Triton kernels, got {group_size}")
+    raise ValueError(f"group_size must be a multiple of 32 for the Triton GEMM, got {group_size}")
 
 
 def int4_in_kernel(k: int, group_size: int) -> bool:
@@ -347,7 +348,7 @@ def int4_in_kernel(k: int, group_size: int) -> bool:
 
     Per channel: any even K. Grouped: groups of a multiple of 64 columns over a K made of whole 128-column
     chunks, so that each 64-column step is one nibble half of one chunk and lies in one group. Other
-    group sizes (16, 32, 48, ... or a K with a partial chunk) unpack the weight to int8 codes first.
+    group sizes (32, 96, ... or a K with a partial chunk) unpack the weight to int8 codes first.
     """
     return group_size == 0 or (group_size % 64 == 0 and k % CHUNK == 0)
 
@@ -594,7 +595,7 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
         w_scale: float32 [N, G] (or [N] when G = 1).
         bias: [N] of any float dtype, or None.
         w_bits: 4, 6 or 8.
-        group_size: 0 (per output channel) or the group length, a multiple of 16 dividing K.
+        group_size: 0 (per output channel) or the group length, a multiple of 32 dividing K.
         out_dtype: torch.bfloat16, torch.float16 or torch.float32.
         w_sum: `weight_group_sums(qw, w_bits, group_size)`, precomputed once per weight; computed here
             when x_zero is given and w_sum is not.
@@ -615,8 +616,9 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     n = qw.shape[0]
     if qw.shape[1] * (2 if w_int4 else 1) != k:
         raise ValueError(f"qw {tuple(qw.shape)} does not match K={k} for w_bits={w_bits}")
-    if group_size != 0 and (group_size % 16 != 0 or k % group_size != 0):
-        raise ValueError(f"group_size {group_size} must be a multiple of 16 dividing K={k}")
+    if group_size != 0 and (group_size % 32 != 0 or k % group_size != 0):
+        raise ValueError(f"group_size {group_size} must be a multiple of 32 dividing K={k} (the Triton GEMM; "
+                         "other group sizes run on the reference op)")
     groups = 1 if group_size == 0 else k // group_size
     leading = tuple(qx.shape[:-1])
     out = torch.empty((*leading, n), dtype=out_dtype, device=qx.device)
