@@ -19,7 +19,7 @@ LAYERS = 2
 SIBLINGS = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w4a8", "qdit-w4a8"])
+@pytest.fixture(scope="module", params=["w8a8", "qdit-w4a8"])  # int8 per channel; packed int4 in groups
 def qmodel(request: pytest.FixtureRequest) -> dqcompile.QuantizedModel:
     torch.manual_seed(0)
     return dqcompile.quantize(tiny_dit(num_layers=LAYERS), request.param, progress=False)

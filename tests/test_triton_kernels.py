@@ -460,8 +460,10 @@ def test_interp_bad_arguments_raise() -> None:
     GemmConfig(32, 16, 64, 4, 4, 2, tma=True, swap_ab=True, num_programs=5),
     GemmConfig(64, 64, 64, 2, 4, 2, flatten=False),                         # one tile, one program
 ] if INTERPRETING else [None], ids=lambda c: c.label() if c else "none")
-@pytest.mark.parametrize("w_bits,group_size,symmetric", [(8, 0, True), (8, 0, False), (8, 64, False), (4, 0, True),
-                                                         (4, 0, False), (4, 64, False), (4, 128, True)])
+# The zero-point term and the symmetric path are each crossed with per-channel and grouped weights of both
+# widths once; the tile configs above are what this test varies (test_interp_int_linear_matches_reference
+# crosses the rest).
+@pytest.mark.parametrize("w_bits,group_size,symmetric", [(8, 0, False), (8, 64, True), (4, 0, True), (4, 128, False)])
 def test_interp_gemm_code_paths(config: GemmConfig, w_bits: int, group_size: int, symmetric: bool) -> None:
     """Every path of the persistent kernel on a K of two 128-column chunks: bit-identical to the reference."""
     _check_int_linear(37, 256, 40, w_bits, group_size, symmetric, torch.bfloat16, "cpu", config=config)
@@ -751,6 +753,35 @@ def test_cuda_with_kernels_matches_the_quantized_model(preset: str) -> None:
     fast = qmodel.with_kernels()
     assert any("triton" in str(node.target) for node in fast.graph_module.graph.nodes)
     assert rel_l2(fast(**inputs).sample, qmodel(**inputs).sample) < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_cuda_merged_qkv_gemm_is_bit_identical(preset: str) -> None:
+    """q, k and v as one Triton GEMM on a GPU (views spanning the stacked operands, TMA on sm_90) give the
+    three GEMMs' outputs bit for bit, in with_kernels and in the compile backend's rewrite."""
+    import dqcompile
+    from dqcompile.backends.compile import rewrite_graph
+    from tiny_models import dit_inputs, tiny_dit
+
+    qmodel = dqcompile.quantize(tiny_dit(num_layers=2).cuda(), preset, progress=False)
+    inputs = {key: value.cuda() for key, value in dit_inputs(4).items()}
+    fast = qmodel.with_kernels()
+    gemms = [n for n in fast.graph_module.graph.nodes if str(n.target) == "dqcompile.int_linear_triton.default"]
+    assert len(gemms) == 4 * 2  # per block: (q, k, v) merged, to_out, fc1, fc2
+    outputs = {}
+    for merge in (False, True):
+        torch._dynamo.reset()
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list, merge: bool = merge):
+            assert rewrite_graph(gm, kernels="triton", merge=merge, example_inputs=example_inputs).merged_linears \
+                == (2 if merge else 0)
+            return gm.forward
+
+        outputs[merge] = torch.compile(qmodel, backend=backend)(**inputs).sample
+    assert torch.equal(outputs[True], outputs[False])
+    assert torch.equal(fast(**inputs).sample, outputs[True])
 
 
 @pytest.mark.cuda

@@ -87,7 +87,8 @@ def _set_attr(gm: GraphModule, path: str, tensor: torch.Tensor) -> None:
     owner_path, _, leaf = path.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)  # shares the block's storage
+        # A Parameter of the view shares the block's storage; it keeps the old parameter's requires_grad.
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
     else:
         owner._buffers[leaf] = tensor
 
