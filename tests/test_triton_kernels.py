@@ -490,6 +490,23 @@ def test_interp_int4_groups_in_kernel_or_unpacked(k: int, group_size: int) -> No
 
 
 @interp
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_interp_int4_with_many_rows_runs_the_int8_gemm_on_unpacked_codes(monkeypatch: pytest.MonkeyPatch,
+                                                                        group_size: int) -> None:
+    """From W4_UNPACK_ROWS rows on, an int4 weight is unpacked and the int8 kernel runs; below, the int4
+    kernel; both give the reference's outputs bit for bit."""
+    from dqcompile.backends.triton import gemm
+
+    paths: list[bool] = []
+    launch = gemm._launch
+    monkeypatch.setattr(gemm, "_launch", lambda *args: (paths.append(args[11]), launch(*args))[1])  # w_int4
+    for rows in (gemm.W4_UNPACK_ROWS - 1, gemm.W4_UNPACK_ROWS):
+        paths.clear()
+        _check_int_linear(rows, 128, 32, 4, group_size, True, torch.bfloat16, "cpu")
+        assert paths == [rows < gemm.W4_UNPACK_ROWS]
+
+
+@interp
 @pytest.mark.parametrize("group_size", [16, 48, 80])
 def test_interp_group_sizes_sm90_cannot_dot_stay_on_the_reference(group_size: int) -> None:
     """sm_90 refuses int8 dots narrower than 32 in K (the interpreter does not check it; a 48-column group

@@ -17,7 +17,8 @@ One persistent kernel covers every variant through compile-time flags:
   layout of dqcompile/quant/packing.py: byte i of a 128-column chunk holds column i low and 64 + i high,
   so a 128-column K step loads 64 bytes per weight row, sign-extends `(b << 4) >> 4` and `b >> 4`, and
   does two dots against the two 64-column halves of the activation tile; the weight crosses memory at
-  half the bytes and is unpacked in registers, with no interleave);
+  half the bytes and is unpacked in registers, with no interleave; from `W4_UNPACK_ROWS` rows on the
+  launcher unpacks the weight to int8 codes first and runs the int8 path);
 - optionally swapped operands (SWAP_AB): the tile computes out^T = W X^T, so the weight is the dot's
   first operand. Int8 tensor cores take the first operand from registers and the second from shared
   memory; swapping lets the unpacked int4 weight feed the tensor cores straight from registers, and
@@ -372,6 +373,17 @@ _MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {
 }
 
 
+# From this many activation rows on, `triton_int_linear` unpacks an int4 weight to int8 codes (one
+# elementwise pass, which Inductor compiles into the graph) and runs the int8 GEMM, instead of unpacking
+# in the main loop. The in-kernel path feeds the MMA from registers with two dots per 128-column step, each
+# drained synchronously: on an H200 it ran at 0.46-0.58x of the int8 kernel at 4,096 and 16,384 rows
+# (benchmarks/results/gemm_h200.json), where unpacking fc1's weight writes 5.3 MB (a few microseconds
+# against the ~35 us the int4 kernel loses). With few rows the GEMM streams the weight and int4's halved
+# bytes win, so the in-kernel path stays there. The weight stays stored as int4. Chosen from those figures;
+# the step benchmark has not measured this path yet.
+W4_UNPACK_ROWS = 1024
+
+
 def size_hint(size: int | torch.SymInt, fallback: int = 4096) -> int:
     """A size's value for a tuning decision, read without adding a guard when it is symbolic.
 
@@ -637,8 +649,10 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     if w_sum is not None:
         w_sum = w_sum.to(torch.int32).reshape(n, groups).contiguous()
     bias = bias.contiguous() if bias is not None else None
-    if w_int4 and not int4_in_kernel(k, group_size):
-        qw, w_int4 = unpack_int4(qw), False  # group sizes the int4 path cannot step through
+    # Unpacked to int8 codes first: group sizes the int4 path cannot step through, and many rows, where the
+    # GEMM is bound by its MMAs rather than by reading the weight (see W4_UNPACK_ROWS).
+    if w_int4 and (not int4_in_kernel(k, group_size) or size_hint(m) >= W4_UNPACK_ROWS):
+        qw, w_int4 = unpack_int4(qw), False
     config = config or choose_gemm_config(m, n, k, group_size, qx.device, w_int4=w_int4)
     if not w_int4 and group_size and group_size % config.block_k:
         config = replace(config, block_k=_int8_block_k(group_size))
