@@ -29,15 +29,15 @@ def _qkv_weights(qmodel: dqcompile.QuantizedModel, block: int) -> list[torch.Ten
     return [qmodel.graph_module.get_buffer(f"transformer_blocks.{block}.{name}.qweight") for name in SIBLINGS]
 
 
-def _compiled_rewrite(qmodel: dqcompile.QuantizedModel, inputs: dict[str, Any], *,
-                      merge: bool) -> tuple[torch.Tensor, RewriteSummary, Counter]:
+def _compiled_rewrite(qmodel: dqcompile.QuantizedModel, inputs: dict[str, Any], *, merge: bool,
+                      fuse: bool = True) -> tuple[torch.Tensor, RewriteSummary, Counter]:
     """The backend's rewrite on dynamo's graph (with the real example inputs, as torch.compile passes
     them), run eagerly on the reference kernels."""
     torch._dynamo.reset()
     seen: list[tuple[RewriteSummary, Counter]] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        summary = rewrite_graph(gm, kernels="reference", merge=merge, example_inputs=example_inputs)
+        summary = rewrite_graph(gm, kernels="reference", fuse=fuse, merge=merge, example_inputs=example_inputs)
         seen.append((summary, Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")))
         return gm.forward
 
@@ -68,6 +68,18 @@ def test_merged_gemm_is_bit_identical(qmodel: dqcompile.QuantizedModel) -> None:
     assert ops["dqcompile.int_linear.default"] == 4 * LAYERS
     assert torch.equal(merged, separate)
     assert torch.equal(merged, qmodel(**inputs).sample)
+
+
+def test_without_the_fusion_the_merge_drops_the_duplicate_quantizers() -> None:
+    """Unfused, q, k and v each have a quantizer of the same input: the merged GEMM reads q's, and k's and v's
+    are erased (per block 4 quantizers instead of 6), with the same outputs."""
+    qmodel = dqcompile.quantize(tiny_dit(num_layers=1), "w8a8", progress=False)
+    inputs = dit_inputs(2)
+    separate, _, ops_separate = _compiled_rewrite(qmodel, inputs, merge=False, fuse=False)
+    merged, summary, ops = _compiled_rewrite(qmodel, inputs, merge=True, fuse=False)
+    assert summary.merged_linears == 1
+    assert ops_separate["dqcompile.quantize_act.default"] == 6 and ops["dqcompile.quantize_act.default"] == 4
+    assert torch.equal(merged, separate)
 
 
 def test_weights_not_stacked_are_not_merged() -> None:

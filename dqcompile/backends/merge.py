@@ -163,6 +163,21 @@ def _graph_inputs(gm: GraphModule, example_inputs: Sequence[Any] | None) -> dict
             if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor)}
 
 
+def _erase_unused_quantizers(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
+    """Erase `nodes` left without users that are getitems or dqcompile ops (pure), and so on up their
+    inputs: without the fusion, k and v had quantizers of their own, equal to q's, which the merged GEMM
+    no longer reads."""
+    stack, erased = list(nodes), set()
+    while stack:
+        node = stack.pop()
+        pure = node.op == "call_function" and (
+            node.target is operator.getitem or getattr(node.target, "namespace", None) == NAMESPACE)
+        if pure and node not in erased and not node.users:
+            stack.extend(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)
+
+
 def merge_sibling_linears(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> int:
     """Needs: a graph with `int_linear` nodes, after the quantizer fusion (siblings then share one codes
     node); their weights, scales, code sums and biases read through get_attr or graph inputs whose real
@@ -210,7 +225,9 @@ def merge_sibling_linears(gm: GraphModule, example_inputs: Sequence[Any] | None 
             part.meta.update(original.meta)
             start += width
             original.replace_all_uses_with(part)
+            inputs_of_original = original.all_input_nodes
             graph.erase_node(original)
+            _erase_unused_quantizers(graph, inputs_of_original)
         merged += 1
     graph.lint()
     gm.recompile()
