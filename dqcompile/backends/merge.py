@@ -30,7 +30,6 @@ from torch.fx import GraphModule, Node
 
 from dqcompile.backends.ops import NAMESPACE, bind_arguments, op_def_of, positional_arguments
 
-OPS = torch.ops.dqcompile
 ATEN = torch.ops.aten
 # Arguments that must be the same node or value for two int_linears to share one GEMM.
 _SHARED = ("qx", "x_scale", "x_zero", "w_bits", "group_size", "out_dtype")
@@ -93,14 +92,20 @@ def _set_attr(gm: GraphModule, path: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One [sum N_i, ...] tensor viewing `tensors` (each contiguous [N_i, ...] with the same trailing
-    shape, in order, each starting where the previous one ends in one storage), or None when they are
-    not laid out so."""
+def _stackable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether `tensors` can stack along their first dim: at least 1-D, one dtype, device and trailing shape."""
     first = tensors[0]
-    if any(t.dim() != first.dim() or t.dim() == 0 or not t.is_contiguous() or t.dtype != first.dtype
-           or t.device != first.device or t.shape[1:] != first.shape[1:]
-           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
+    return first.dim() > 0 and all(t.dim() == first.dim() and t.dtype == first.dtype and t.device == first.device
+                                   and t.shape[1:] == first.shape[1:] for t in tensors)
+
+
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One [sum N_i, ...] tensor viewing `tensors` (stackable, each contiguous, in order, each starting
+    where the previous one ends in one storage), or None when they are not laid out so."""
+    first = tensors[0]
+    if not _stackable(tensors) or any(not t.is_contiguous()
+                                      or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                                      for t in tensors):
         return None
     offset = first.storage_offset()
     for t in tensors:
@@ -134,9 +139,7 @@ def pack_sibling_weights(gm: GraphModule) -> int:
             if any(a is None for a in attr_nodes) or len({id(a) for a in attr_nodes}) != len(attr_nodes):
                 continue  # missing somewhere, or one tensor read twice: nothing to stack
             tensors = [_attr_tensor(gm, a) for a in attr_nodes]
-            if any(t is None for t in tensors) or stacked_view(tensors) is not None:
-                continue
-            if len({(t.dtype, t.device, tuple(t.shape[1:])) for t in tensors}) != 1 or tensors[0].dim() == 0:
+            if any(t is None for t in tensors) or not _stackable(tensors) or stacked_view(tensors) is not None:
                 continue
             block = torch.cat([t.detach() for t in tensors])
             start = 0
@@ -200,16 +203,11 @@ def merge_sibling_linears(gm: GraphModule, example_inputs: Sequence[Any] | None 
         operands = [_weight_operands(n) for n in nodes]
         if len({tuple(o) for o in operands}) != 1:
             continue
-        spans: dict[str, torch.Tensor] = {}
-        for name in operands[0]:
-            tensors = [real(o[name]) for o in operands]
-            span = stacked_view(tensors) if all(t is not None for t in tensors) else None
-            if span is None:
-                break
-            spans[name] = span
-        if len(spans) != len(operands[0]):
+        tensors = {name: [real(o[name]) for o in operands] for name in operands[0]}
+        spans = {name: stacked_view(ts) if all(t is not None for t in ts) else None for name, ts in tensors.items()}
+        if any(span is None for span in spans.values()):
             continue
-        widths = [real(o["qw"]).shape[0] for o in operands]
+        widths = [t.shape[0] for t in tensors["qw"]]
         args = bind_arguments("int_linear", nodes[0].args, nodes[0].kwargs)
         with graph.inserting_before(nodes[0]):
             for name, span in spans.items():

@@ -315,9 +315,10 @@ def lower(gm: GraphModule, plan: ModelPlan) -> None:
     asymmetric-activation layer's weight code sums (`weight_sum`, int32 [N, G], not persistent:
     derived from qweight); every linear node of a quantized layer and every planned attention node is
     replaced by the ops of its rule (module docstring), tagged with its plan; the float weights of
-    quantized layers are deleted, so the module really holds integer weights; the weight codes of linears
-    that read the same codes (q, k, v) are stacked in one tensor, each layer's a view of it
-    (`pack_sibling_weights`, for the compile backend's merged GEMM). The graph lints.
+    quantized layers are deleted, so the module really holds integer weights; the per-channel operands
+    (weight codes, scales, code sums, biases) of linears that read the same codes (q, k, v) are each
+    stacked in one tensor, each layer's a view of it (`pack_sibling_weights`, for the compile backend's
+    merged GEMM). The graph lints.
     """
     device = _graph_device(gm)
     nodes = {node.name: node for node in gm.graph.nodes}

@@ -28,6 +28,10 @@ import torch
 
 from dqcompile.backends import register_kernel
 
+# Group sizes the Triton GEMM steps through: Triton refuses an int8 dot narrower than 32 in K on sm_90
+# (the interpreter does not check it). Declared here, where no Triton import is needed, for the op table.
+GEMM_GROUP_MULTIPLE = 32
+
 _KERNEL_NAMES = {
     "GemmConfig": "gemm",
     "choose_gemm_config": "gemm",
@@ -42,7 +46,7 @@ _KERNEL_NAMES = {
     "quantize_act_static": "quantize",
 }
 
-__all__ = ["is_available", "require_kernel_device", *sorted(_KERNEL_NAMES)]
+__all__ = ["GEMM_GROUP_MULTIPLE", "is_available", "require_kernel_device", *sorted(_KERNEL_NAMES)]
 
 
 def is_available() -> bool:
@@ -129,12 +133,13 @@ _int_linear.__signature__ = _signature("int_linear")  # type: ignore[attr-define
 # The "triton" column of the op table (dqcompile/backends/ops.py). The launchers are traceable (shapes,
 # strides and dtypes decide everything; kernels launch through torch.library.wrap_triton), so they register
 # as torch.library.triton_op: Inductor traces each once and launches its kernels from the generated code,
-# with no Python per call. The GEMM tiles groups in multiples of 32 (sm_90's narrowest int8 dot): other group sizes stay on the reference.
+# with no Python per call. The GEMM takes groups in multiples of GEMM_GROUP_MULTIPLE: other group sizes stay
+# on the reference.
 register_kernel("triton", "quantize_act", _kernel("quantize_act", "quantize_act"), triton_op=True)
 register_kernel("triton", "quantize_act_static", _kernel("quantize_act_static", "quantize_act_static"), triton_op=True)
 register_kernel("triton", "ln_modulate_quantize", _kernel("ln_modulate_quantize", "ln_modulate_quantize"),
                 triton_op=True)
 register_kernel("triton", "gelu_quantize", _kernel("gelu_quantize", "gelu_quantize"), triton_op=True)
 register_kernel("triton", "int_linear", _int_linear, triton_op=True,
-                accepts=lambda args: args["group_size"] % 32 == 0)
+                accepts=lambda args: args["group_size"] % GEMM_GROUP_MULTIPLE == 0)
 register_kernel("triton", "int_matmul", _kernel("triton_int_matmul", "int_matmul"), triton_op=True)

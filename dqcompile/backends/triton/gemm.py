@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dqcompile.backends.triton import require_kernel_device
+from dqcompile.backends.triton import GEMM_GROUP_MULTIPLE, require_kernel_device
 from dqcompile.backends.triton.jitutils import INTERPRETING, add_rn, as_rows, launcher, mul_rn, round_to
 from dqcompile.quant.packing import CHUNK, unpack_int4
 
@@ -333,15 +333,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _int8_block_k(group_size: int) -> int:
-    """The int8 K step: 128, or the largest of 128 / 64 / 32 that divides the group. Not less than 32:
-    Triton refuses an int8 dot narrower than 32 on sm_90 (wgmma consumes K in steps of 32 bytes), which
-    the interpreter does not check."""
+    """The int8 K step: 128, or the largest of 128 / 64 / GEMM_GROUP_MULTIPLE (32) that divides the group.
+    Not less: Triton refuses an int8 dot narrower than 32 on sm_90 (wgmma consumes K in steps of 32 bytes),
+    which the interpreter does not check."""
     if group_size == 0:
         return 128
-    for block_k in (128, 64, 32):
+    for block_k in (128, 64, GEMM_GROUP_MULTIPLE):
         if group_size % block_k == 0:
             return block_k
-    raise ValueError(f"group_size must be a multiple of 32 for the Triton GEMM, got {group_size}")
+    raise ValueError(f"group_size must be a multiple of {GEMM_GROUP_MULTIPLE} for the Triton GEMM, got {group_size}")
 
 
 def int4_in_kernel(k: int, group_size: int) -> bool:
@@ -628,9 +628,9 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     n = qw.shape[0]
     if qw.shape[1] * (2 if w_int4 else 1) != k:
         raise ValueError(f"qw {tuple(qw.shape)} does not match K={k} for w_bits={w_bits}")
-    if group_size != 0 and (group_size % 32 != 0 or k % group_size != 0):
-        raise ValueError(f"group_size {group_size} must be a multiple of 32 dividing K={k} (the Triton GEMM; "
-                         "other group sizes run on the reference op)")
+    if group_size != 0 and (group_size % GEMM_GROUP_MULTIPLE != 0 or k % group_size != 0):
+        raise ValueError(f"group_size {group_size} must be a multiple of {GEMM_GROUP_MULTIPLE} dividing K={k} "
+                         "(the Triton GEMM; other group sizes run on the reference op)")
     groups = 1 if group_size == 0 else k // group_size
     leading = tuple(qx.shape[:-1])
     out = torch.empty((*leading, n), dtype=out_dtype, device=qx.device)
