@@ -9,7 +9,9 @@
 # Settings (environment):
 #   SESSION_SECONDS  the whole call (default 555)
 #   VARIANTS         bench_dit variants, in order ("" skips bench_dit); BENCH_GPUS: see below
-#   FUSED_BENCH      set: time the fused quantizers first (bench_gemm.py's fused cases, GPU 1)
+#   QUANT_BENCH      set: after the CUDA tests, bench_quantize.py (GPU 1), QUANT_BASELINE an older
+#                    quantize.py to time beside the current one
+#   GEMM_BENCH       N: then bench_gemm.py's GEMM shapes for at most N seconds (GPU 1)
 #   STEP_STAGES      space-separated model:rows:samples:seconds[:seeds] of evaluate.py row sets run with one
 #                    batch (default "embedded:steps:2000:95 benchmark:steps:1000:140"; "" skips them;
 #                    e.g. "embedded:noise:5000:200:0,1,2" for the noise band); EVAL_FLAGS adds flags
@@ -56,9 +58,13 @@ quality() {
         timeout "${TEST_SECONDS:-200}" taskset -c "$cores" python3 -m pytest -q -p no:cacheprovider -m cuda \
             tests/test_triton_kernels.py tests/test_compile_backend.py tests/test_reference_ops.py -rfE \
             ${TEST_FILTER:+-k "$TEST_FILTER"} > "$folder/gpu_tests_h200.log" 2>&1
-        if [ -n "${FUSED_BENCH:-}" ]; then  # the fused quantizers alone (bench_gemm's fused cases), about 20 s
-            timeout 120 taskset -c "$cores" python3 benchmarks/bench_gemm.py --out "$folder/quantizers_h200.json" \
-                --layers "" > "$folder/quantizers_h200.log" 2>&1
+        if [ -n "${QUANT_BENCH:-}" ]; then  # the quantizers' tile sweep against a baseline quantize.py (about 60 s)
+            timeout 150 taskset -c "$cores" python3 benchmarks/bench_quantize.py --out "$folder/quantize_h200.json" \
+                ${QUANT_BASELINE:+--baseline "$QUANT_BASELINE"} > "$folder/quantize_h200.log" 2>&1
+        fi
+        if [ -n "${GEMM_BENCH:-}" ]; then  # the GEMMs per shape against cuBLAS (GEMM_BENCH seconds), no fused cases
+            timeout $(( GEMM_BENCH + 60 )) taskset -c "$cores" python3 benchmarks/bench_gemm.py --no-fused \
+                --budget-s "$GEMM_BENCH" --out "$folder/gemm_h200.json" > "$folder/gemm_h200.log" 2>&1
         fi
     fi
     for entry in $step_stages; do

@@ -871,6 +871,45 @@ def test_cuda_quantize_act(group_size: int, symmetric: bool) -> None:
         _check_quantize_act(x, 8, group_size, symmetric)
 
 
+def _division_stress_rows(gen: torch.Generator) -> torch.Tensor:
+    """[4096, 1152] float32 rows on which a quotient that is not correctly rounded changes codes.
+
+    Rows 0-2047: each row's values span its own power-of-two band between 2^-60 and 2^60 (the
+    reciprocal and the remainder at every exponent), one element a multiple of 127 so the scale's
+    mantissa varies. Rows 2048-4095: the row maximum is 127 * 2^e, so the scale is the power of two
+    2^e, and the other values are exact half-integer multiples of it: every element an exact tie,
+    which round() must send to the even code. Row 4095 holds an inf: finite values divided by an
+    infinite scale are 0, the inf's own quotient is NaN.
+    """
+    exponents = torch.randint(-60, 61, (2048, 1), generator=gen).float()
+    spread = torch.randn(2048, 1152, generator=gen) * torch.exp2(torch.randint(-8, 1, (2048, 1152), generator=gen).float())
+    wide = spread * torch.exp2(exponents)
+    wide[:, 0] = 127 * torch.exp2(exponents[:, 0]) * torch.rand(2048, generator=gen)
+    tie_scale = torch.exp2(torch.randint(-40, 41, (2048, 1), generator=gen).float())
+    ties = (torch.randint(-127, 127, (2048, 1152), generator=gen).float() + 0.5) * tie_scale
+    ties[:, 0] = 127 * tie_scale[:, 0]
+    ties[-1, 1] = float("inf")
+    return torch.cat([wide, ties])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_quantize_act_division_is_correctly_rounded(dtype: torch.dtype, symmetric: bool) -> None:
+    """The kernels divide by a group's scale through its reciprocal and one FMA correction
+    (`_divide_by_group`): on magnitudes from 2^-60 to 2^60, on exact ties and past an inf, every code
+    and scale is the reference's, whose division is IEEE's."""
+    x = _division_stress_rows(torch.Generator().manual_seed(11)).to(dtype).cuda()
+    _check_quantize_act(x[:-1], 8, 0, symmetric)
+    _check_quantize_act(x[:-1], 6, 64, symmetric)
+    q, scale, _ = quantize_act(x[-1:], 8, 0, True)
+    q_ref, scale_ref, _ = reference.quantize_act(x[-1:], 8, 0, True)
+    finite = torch.isfinite(x[-1:])
+    assert torch.isinf(scale).all() and torch.equal(scale, scale_ref)
+    assert torch.equal(q[finite], q_ref[finite]) and not q[finite].any()
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("group_size", [0, 128])

@@ -145,6 +145,28 @@ def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def _divide_by_group(h, scale):
+    """h / scale correctly rounded (div_rn's result), for a divisor shared by a whole group.
+
+    div_rn per element is a reciprocal, three FMAs and a range check each; here the reciprocal is
+    correctly rounded once per group and each element pays one multiply and two FMAs: q = h * r, then
+    q + (h - q * scale) * r, with the remainder exact in the FMA. That correction step is the one a
+    correctly rounded division ends with (Markstein's theorem: a correctly rounded reciprocal and a
+    first quotient within an ulp give the correctly rounded quotient), and nothing here reaches the
+    range div_rn checks for: scale >= MIN_SCALE, whose reciprocal is finite and normal, and |h / scale|
+    is at most 2^bits. A non-finite scale (a group holding inf) makes the remainder NaN; the first
+    quotient is kept there, as h / inf is 0 for finite h and NaN otherwise. The interpreter, whose FMA
+    rounds twice, divides. The CUDA tests check the codes bit for bit against the reference's division.
+    """
+    if _INTERPRETED:
+        return tl.math.div_rn(h, scale)
+    reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    first = h * reciprocal
+    remainder = tl.fma(-first, scale, h)
+    return tl.where(remainder == remainder, tl.fma(remainder, reciprocal, first), first)
+
+
+@triton.jit
 def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, valid, scale, zero,
                    G0: tl.constexpr, SEG_G: tl.constexpr, NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr,
                    BITS: tl.constexpr, STORE_H: tl.constexpr):
@@ -156,7 +178,7 @@ def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, val
     """
     QMIN: tl.constexpr = -(1 << (BITS - 1))
     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    codes = _round_half_even(tl.math.div_rn(h, scale[:, :, None])) + zero[:, :, None].to(tl.float32)
+    codes = _round_half_even(_divide_by_group(h, scale[:, :, None])) + zero[:, :, None].to(tl.float32)
     codes = tl.minimum(tl.maximum(codes, QMIN), QMAX)
     offs = rows[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols  # rows are int64: offsets may pass 2^31
     tl.store(q_ptr + offs, codes.to(tl.int8), mask=valid)
