@@ -286,9 +286,17 @@ def test_interp_merged_qkv_gemm_on_triton() -> None:
 
 @interp
 @pytest.mark.parametrize(
-    ("preset", "symmetric"), [("w4a8", False), ("w8a8", True)], ids=["w4a8_asymmetric", "w8a8_symmetric"]
+    ("preset", "symmetric", "unpack_rows"), [("w4a8", False, None), ("w4a8", True, 1), ("w8a8", True, None)],
+    ids=["w4a8_asymmetric", "w4a8_unpacked_first", "w8a8_symmetric"]
 )
-def test_interp_triton_kernels_replace_reference_ops(preset: str, symmetric: bool) -> None:
+def test_interp_triton_kernels_replace_reference_ops(monkeypatch: pytest.MonkeyPatch, preset: str, symmetric: bool,
+                                                     unpack_rows: int | None) -> None:
+    """The backend's Triton kernels in the rewritten graph give the reference model's output; with
+    `unpack_rows` 1, int4 weights take the many-rows path (the unpack kernel, then the int8 GEMM)."""
+    if unpack_rows is not None:
+        from dqcompile.backends.triton import gemm
+
+        monkeypatch.setattr(gemm, "W4_UNPACK_ROWS", unpack_rows)
     spec = dqcompile.QuantSpec.resolve(preset)
     spec = spec.replace(activations=dqcompile.ActivationSpec(bits=8, symmetric=symmetric))
     qmodel = dqcompile.quantize(tiny_dit(num_layers=1), spec, progress=False)

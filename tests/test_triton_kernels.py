@@ -507,6 +507,23 @@ def test_interp_int4_with_many_rows_runs_the_int8_gemm_on_unpacked_codes(monkeyp
 
 
 @interp
+@pytest.mark.parametrize("n,k", [(33, 128), (5, 200), (40, 384), (3, 2), (64, 70)])
+def test_interp_triton_unpack_int4_is_the_packing_inverse(n: int, k: int) -> None:
+    """The unpack kernel gives unpack_int4's codes: whole chunks, a narrower last chunk (200 = 128 + 72,
+    70 alone), rows past a block, and a strided (non-contiguous) packed view."""
+    from dqcompile.backends.triton.gemm import triton_unpack_int4
+    from dqcompile.quant.packing import pack_int4, unpack_int4
+
+    gen = torch.Generator().manual_seed(n * k)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    packed = pack_int4(codes)
+    assert torch.equal(triton_unpack_int4(packed), codes)
+    wider = pack_int4(torch.randint(-8, 8, (n, k + 4), dtype=torch.int8, generator=gen))
+    view = wider[:, : k // 2]  # row stride (k + 4) / 2
+    assert torch.equal(triton_unpack_int4(view), unpack_int4(view.contiguous()))
+
+
+@interp
 @pytest.mark.parametrize("group_size", [16, 48, 80])
 def test_interp_group_sizes_sm90_cannot_dot_stay_on_the_reference(group_size: int) -> None:
     """sm_90 refuses int8 dots narrower than 32 in K (the interpreter does not check it; a 48-column group

@@ -373,14 +373,14 @@ _MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {
 }
 
 
-# From this many activation rows on, `triton_int_linear` unpacks an int4 weight to int8 codes (one
-# elementwise pass, which Inductor compiles into the graph) and runs the int8 GEMM, instead of unpacking
-# in the main loop. The in-kernel path feeds the MMA from registers with two dots per 128-column step, each
-# drained synchronously: on an H200 it ran at 0.46-0.58x of the int8 kernel at 4,096 and 16,384 rows
-# (benchmarks/results/gemm_h200.json), where unpacking fc1's weight writes 5.3 MB (a few microseconds
-# against the ~35 us the int4 kernel loses). With few rows the GEMM streams the weight and int4's halved
-# bytes win, so the in-kernel path stays there. The weight stays stored as int4. Chosen from those figures;
-# the step benchmark has not measured this path yet.
+# From this many activation rows on, `triton_int_linear` unpacks an int4 weight to int8 codes
+# (`triton_unpack_int4`, one memory-bound kernel) and runs the int8 GEMM, instead of unpacking in the main
+# loop. The in-kernel path feeds the MMA from registers with two dots per 128-column step, each drained
+# synchronously: on an H200 it ran at 0.46-0.58x of the int8 kernel at 4,096 and 16,384 rows
+# (benchmarks/results/gemm_h200.json), where unpacking fc1's weight writes 5.3 MB. With few rows the GEMM
+# streams the weight and int4's halved bytes win, so the in-kernel path stays there. The weight stays
+# stored as int4. In the DiT-XL/2 step (bench_dit, commit eccabc2, with aten's unpack) w4a8 went from 0.64x
+# to 0.95x of w8a8 at 64 images.
 W4_UNPACK_ROWS = 1024
 
 
@@ -591,6 +591,50 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@triton.jit
+def _unpack_int4_kernel(packed_ptr, out_ptr, N, K, stride_packed, BLOCK_N: tl.constexpr, CHUNK_BYTES: tl.constexpr):
+    """BLOCK_N rows of one chunk of packed int4 codes (dqcompile.quant.packing's layout) into int8 codes.
+
+    Byte i of the chunk at column c0 (w columns wide) holds column c0 + i in its low nibble and column
+    c0 + w / 2 + i in its high nibble, so each half of the chunk's output is one contiguous span.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk_start = tl.program_id(1) * (2 * CHUNK_BYTES)
+    half_width = tl.minimum(K - chunk_start, 2 * CHUNK_BYTES) // 2
+    lanes = tl.arange(0, CHUNK_BYTES)
+    mask = (rows < N)[:, None] & (lanes < half_width)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    packed = tl.load(packed_ptr + rows64 * stride_packed + chunk_start // 2 + lanes[None, :], mask=mask, other=0)
+    # Sign extension of a 4-bit two's complement nibble v: (v ^ 8) - 8.
+    wide = packed.to(tl.int32)
+    low = ((wide & 0xF) ^ 8) - 8
+    high = ((wide >> 4) ^ 8) - 8
+    out_row = out_ptr + rows64 * K + chunk_start + lanes[None, :]
+    tl.store(out_row, low.to(tl.int8), mask=mask)
+    tl.store(out_row + half_width, high.to(tl.int8), mask=mask)
+
+
+def triton_unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`dqcompile.quant.packing.unpack_int4` of a 2-D packed weight [N, K/2] as one Triton kernel: int8
+    codes [N, K], contiguous.
+
+    Aten's unpack (shift, mask, stack) compiles under Inductor to a gather-like pointwise kernel that ran
+    at about a quarter of the H200's bandwidth in the step's profile (1.4 ms per DiT-XL/2 step at 16
+    images); this one reads each chunk's bytes once and writes its two halves as contiguous spans.
+    """
+    n, half_k = packed.shape
+    k = 2 * half_k
+    out = torch.empty((n, k), dtype=torch.int8, device=packed.device)
+    if out.numel() == 0:
+        return out
+    packed = _row_major(packed)
+    block_n = 32
+    launcher(_unpack_int4_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK))](
+        packed, out, n, k, packed.stride(0), BLOCK_N=block_n, CHUNK_BYTES=CHUNK // 2, num_warps=4,
+    )
+    return out
+
+
 def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor | None,
                       qw: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                       w_bits: int, group_size: int, out_dtype: torch.dtype,
@@ -652,7 +696,7 @@ def triton_int_linear(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Ten
     # Unpacked to int8 codes first: group sizes the int4 path cannot step through, and many rows, where the
     # GEMM is bound by its MMAs rather than by reading the weight (see W4_UNPACK_ROWS).
     if w_int4 and (not int4_in_kernel(k, group_size) or size_hint(m) >= W4_UNPACK_ROWS):
-        qw, w_int4 = unpack_int4(qw), False
+        qw, w_int4 = triton_unpack_int4(qw), False
     config = config or choose_gemm_config(m, n, k, group_size, qx.device, w_int4=w_int4)
     if not w_int4 and group_size and group_size % config.block_k:
         config = replace(config, block_k=_int8_block_k(group_size))
