@@ -11,7 +11,8 @@ Quantization of one group h[0..L) (a token, or g consecutive channels of a token
         zero  = qmin - round(lo / scale)
         q     = clamp(round(h / scale) + zero, qmin, qmax)            x_hat = scale * (q - zero)
 
-Divisions are correctly rounded (div_rn; plain `/` is approximate on NVIDIA GPUs) and round() is
+Divisions are correctly rounded (div_rn, or `_divide_by_group`'s reciprocal with an FMA correction; plain
+`/` is approximate on NVIDIA GPUs) and round() is
 round-half-to-even, both as in torch, and MIN_SCALE (the smallest normal float32, which keeps an all-zero
 group from dividing 0 by 0) is dqcompile.quant.uniform's: codes and scales agree bit for bit with the
 reference backend (dqcompile/backends/reference.py) given the same float32 input.
