@@ -10,8 +10,9 @@ Every method table carries three baselines beside the method's rows:
 - torchao's Int8DynamicActivationInt8Weight on the same linears (w8a8 rows only; skipped with a note
   when torchao is not installed).
 
-Row sets (registered in evaluate.ROW_SETS): ptq4dit-fair, qdit-fair, tqdit-fair, auto (the recommended
-preset candidates, dqcompile/methods/auto), and their "-w8a8" / "-w4a8" / "-w6a6" slices, and tiers in the
+Row sets (registered in evaluate.ROW_SETS): ptq4dit-fair, qdit-fair, qdit-searched (Q-DiT's group-size search
+end to end), tqdit-fair, auto (the recommended preset candidates, dqcompile/methods/auto), and their
+"-w8a8" / "-w4a8" / "-w6a6" slices, and tiers in the
 order time-limited GPU calls should run them (methods-1, -2, -3; `tiers`; benchmarks/gpu_methods.sh).
 
 Attribution (`evaluate.py --attribution N`): each quantized row also gets the per-layer SQNR of its
@@ -158,6 +159,21 @@ def qdit_rows(row: Callable[..., Any], bits: tuple[int, ...] = (4, 6)) -> list[A
     return rows
 
 
+# The group-size search of the Q-DiT rows: FID fitness on 256 samples, a population of 8 over 2
+# generations (evaluate.py's defaults, about 30 fitness evaluations).
+QDIT_SEARCH = {"fitness": "fid", "samples": 256, "population": 8, "iterations": 2}
+
+
+def qdit_searched_rows(row: Callable[..., Any], bits: tuple[int, ...] = (4, 6)) -> list[Any]:
+    """Q-DiT with its searched per-layer group sizes (the search's plan applied to the preset) beside RTN in
+    its activation mode and the preset's uniform groups of 128, per width."""
+    rows = [row("fp")]
+    for b in bits:
+        same = [r for r in qdit_rows(row, (b,)) if r.label in (f"RTN w{b}a8 group dynamic", f"Q-DiT w{b}a8")]
+        rows += same + [row(f"Q-DiT w{b}a8 searched", f"qdit-w{b}a8", search=QDIT_SEARCH)]
+    return rows
+
+
 def tqdit_rows(row: Callable[..., Any], widths: tuple[str, ...] = ("w8a8", "w6a6")) -> list[Any]:
     """TQ-DiT's full pipeline (MRQ + TGQ + HO) against RTN static, RTN dynamic per token and torchao."""
     rows = [row("fp")]
@@ -251,6 +267,9 @@ def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
     sets["qdit-w4a8-rest"] = ("Q-DiT w4a8's unit-gain clip search and per-sample rows (RTN per-sample beside them)",
                               [row("fp")] + [r for r in qdit_rows(row, (4,)) if "unit-gain" in r.label
                                              or "per-sample" in r.label])
+    sets["qdit-searched"] = ("Q-DiT end to end: the evolutionary group-size search (FID fitness) -> plan -> quantize, "
+                             "at w4a8 and w6a8, against RTN in its own mode and the preset's uniform groups",
+                             qdit_searched_rows(row))
     sets["auto-groups"] = ("the group candidates: auto-w4a8-g128-gptq (weights in groups of 128) and "
                            "auto-w6a6-ag64-gptq (weights and activations in groups of 64)",
                            [row("fp")] + [r for r in auto_rows(row) if r.spec in ("auto-w4a8-g128-gptq", "auto-w6a6-ag64-gptq")])
