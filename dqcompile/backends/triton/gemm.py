@@ -379,8 +379,8 @@ _MEASURED: dict[tuple[int, int, int, bool], GemmConfig] = {
 # synchronously: on an H200 it ran at 0.46-0.58x of the int8 kernel at 4,096 and 16,384 rows
 # (benchmarks/results/gemm_h200.json), where unpacking fc1's weight writes 5.3 MB. With few rows the GEMM
 # streams the weight and int4's halved bytes win, so the in-kernel path stays there. The weight stays
-# stored as int4. In the DiT-XL/2 step (bench_dit, commit eccabc2, with aten's unpack) w4a8 went from 0.64x
-# to 0.95x of w8a8 at 64 images.
+# stored as int4. In the DiT-XL/2 step on an H200 (bench_dit, CUDA graphs) w4a8 then ran at 0.95x of w8a8
+# at 16 images and 0.99x at 64 (commit 914b990; 0.68x and 0.64x with the in-kernel path).
 W4_UNPACK_ROWS = 1024
 
 

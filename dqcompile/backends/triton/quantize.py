@@ -149,15 +149,16 @@ def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 def _divide_by_group(h, scale):
     """h / scale correctly rounded (div_rn's result), for a divisor shared by a whole group.
 
-    div_rn per element is a reciprocal, three FMAs and a range check each; here the reciprocal is
-    correctly rounded once per group and each element pays one multiply and two FMAs: q = h * r, then
-    q + (h - q * scale) * r, with the remainder exact in the FMA. That correction step is the one a
-    correctly rounded division ends with (Markstein's theorem: a correctly rounded reciprocal and a
-    first quotient within an ulp give the correctly rounded quotient), and nothing here reaches the
-    range div_rn checks for: scale >= MIN_SCALE, whose reciprocal is finite and normal, and |h / scale|
-    is at most 2^bits. A non-finite scale (a group holding inf) makes the remainder NaN; the first
-    quotient is kept there, as h / inf is 0 for finite h and NaN otherwise. The interpreter, whose FMA
-    rounds twice, divides. The CUDA tests check the codes bit for bit against the reference's division.
+    div_rn per element refines an approximate reciprocal with an FMA step, multiplies, corrects the
+    quotient with two FMAs (remainder h - q * scale, exact in the FMA; then q + remainder * r) and
+    checks the operands' range, with a slow path for the extremes. Here the reciprocal is correctly
+    rounded once per group, at least as accurate as div_rn's refined one, and each element pays the
+    multiply and the two correcting FMAs alone. The range check has nothing to catch: scale >=
+    MIN_SCALE, whose reciprocal is finite and normal, and |h / scale| is at most 2^bits. A group holding
+    an inf has an infinite scale and a NaN remainder; its first quotient is kept, which is IEEE's h / inf
+    (0 for finite h, NaN for inf). The interpreter, whose FMA rounds twice, divides. The CUDA test
+    `test_cuda_quantize_act_division_is_correctly_rounded` checks codes against the reference's division
+    on magnitudes from 2^-60 to 2^60, exact ties and an inf, and the DiT-shape tests check 18.9M codes.
     """
     if _INTERPRETED:
         return tl.math.div_rn(h, scale)
