@@ -23,10 +23,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dqcompile.backends import reference
 from dqcompile.quant.packing import pack_int4
@@ -889,6 +893,35 @@ def test_cuda_quantize_act(group_size: int, symmetric: bool) -> None:
     for shape in ((16, 256, 1152), (4096, 4608)):
         x = (torch.randn(shape, generator=gen) * 3).cuda().to(torch.bfloat16)
         _check_quantize_act(x, 8, group_size, symmetric)
+
+
+def _round_to_float32(value: Fraction) -> float:
+    """The float32 nearest to an exact rational, ties to even (a float64 detour could round twice)."""
+    start = np.float32(float(value))
+    candidates = [np.nextafter(start, np.float32(-np.inf)), start, np.nextafter(start, np.float32(np.inf))]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint32)) & 1)))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(scale_mantissa=st.floats(0.5, 2.0, width=32), scale_exponent=st.integers(-60, 60),
+       code=st.integers(-127, 126), ulps=st.integers(-4, 4), near_tie=st.booleans(),
+       fraction=st.floats(-127.5, 127.5, width=32))
+def test_division_by_a_reciprocal_with_fma_correction_is_correctly_rounded(
+        scale_mantissa: float, scale_exponent: int, code: int, ulps: int, near_tie: bool, fraction: float) -> None:
+    """`_divide_by_group`'s sequence on a GPU (r = RN(1 / s), q = RN(h r), e = fma(-q, s, h), fma(e, r, q)),
+    in exact rational arithmetic: the correctly rounded quotient, for dividends within a few ulps of a
+    code's rounding boundary (k + 1/2) * s and anywhere in the code range. The interpreter divides
+    instead, so this checks the GPU's arithmetic where CI has no GPU."""
+    scale = np.float32(scale_mantissa * 2.0 ** scale_exponent)
+    h = np.float32((code + 0.5) * float(scale)) if near_tie else np.float32(fraction * float(scale))
+    for _ in range(abs(ulps) if near_tie else 0):
+        h = np.nextafter(h, np.float32(np.inf if ulps > 0 else -np.inf))
+    exact = lambda value: Fraction(float(value))  # noqa: E731
+    reciprocal = _round_to_float32(1 / exact(scale))
+    first = _round_to_float32(exact(h) * exact(reciprocal))
+    remainder = _round_to_float32(exact(h) - exact(first) * exact(scale))
+    corrected = _round_to_float32(exact(remainder) * exact(reciprocal) + exact(first))
+    assert corrected == _round_to_float32(exact(h) / exact(scale))
 
 
 def _division_stress_rows(gen: torch.Generator) -> torch.Tensor:
