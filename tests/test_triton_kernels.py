@@ -902,7 +902,7 @@ def _round_to_float32(value: Fraction) -> float:
     return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint32)) & 1)))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(scale_mantissa=st.floats(0.5, 2.0, width=32), scale_exponent=st.integers(-60, 60),
        code=st.integers(-127, 126), ulps=st.integers(-4, 4), near_tie=st.booleans(),
        fraction=st.floats(-127.5, 127.5, width=32))
