@@ -295,16 +295,25 @@ def test_interp_triton_kernels_replace_reference_ops(monkeypatch: pytest.MonkeyP
     unpacked in the GEMM with asymmetric activations (zero-point term, weight sums), and with `unpack_rows`
     1 the many-rows path (the unpack kernel, then the int8 GEMM) with symmetric activations (no zero-point
     term)."""
-    if unpack_rows is not None:
-        from dqcompile.backends.triton import gemm
+    from dqcompile.backends.triton import gemm
 
+    if unpack_rows is not None:
         monkeypatch.setattr(gemm, "W4_UNPACK_ROWS", unpack_rows)
+    unpacked: list[tuple[int, ...]] = []
+    unpack = gemm.triton_unpack_int4
+
+    def counting_unpack(packed: torch.Tensor) -> torch.Tensor:
+        unpacked.append(tuple(packed.shape))
+        return unpack(packed)
+
+    monkeypatch.setattr(gemm, "triton_unpack_int4", counting_unpack)
     spec = dqcompile.QuantSpec.resolve("w4a8")
     spec = spec.replace(activations=dqcompile.ActivationSpec(bits=8, symmetric=symmetric))
     qmodel = dqcompile.quantize(tiny_dit(num_layers=1), spec, progress=False)
     inputs = diffusers_inputs(2, 500)
 
     output, gm, summary = run_rewritten(qmodel, inputs, kernels="triton")
+    assert bool(unpacked) == (unpack_rows is not None)  # the many-rows path ran exactly when it was forced
 
     assert summary.retargeted == {"dqcompile::ln_modulate_quantize": 2, "dqcompile::gelu_quantize": 1,
                                   "dqcompile::quantize_act": 1, "dqcompile::int_linear": 6}

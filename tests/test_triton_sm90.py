@@ -123,9 +123,9 @@ def _record_gemm(rows: int) -> None:
 @pytest.mark.parametrize("rows", [16 * 256, 512, 16])
 def test_every_launch_compiles_for_sm90(launches: list, rows: int) -> None:
     """DiT-XL/2's activation quantizers and GEMMs at 16 images (4096 rows: int4 weights are unpacked by
-    their own kernel and run the int8 kernel), at 512 rows (the int4 kernel's large tiles) and at 16 rows (the weight-streaming
-    tiles) compile to cubins that fit an H200's shared memory, with float scalars as fp32 and
-    as fp64."""
+    their own kernel and run the int8 kernel), at 512 rows (the int4 kernel's large tiles) and at 16 rows
+    (the weight-streaming tiles) compile to cubins that fit an H200's shared memory, with float scalars
+    as fp32 and as fp64."""
     _record_quantize(rows)
     _record_gemm(rows)
     unpacks = 2 if rows >= gemm.W4_UNPACK_ROWS else 0  # the two int4 GEMMs unpack their weight first
