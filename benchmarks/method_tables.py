@@ -283,6 +283,9 @@ def row_sets(row: Callable[..., Any]) -> dict[str, tuple[str, list[Any]]]:
         sets[f"tqdit-fair-{width}"] = (f"tqdit-fair at {width}", tqdit_rows(row, (width,)))
     for b in (4, 6):
         sets[f"qdit-fair-w{b}a8"] = (f"qdit-fair at w{b}a8", qdit_rows(row, (b,)))
+        sets[f"qdit-searched-w{b}a8"] = (f"qdit-searched at w{b}a8", qdit_searched_rows(row, (b,)))
+        sets[f"qdit-per-sample-w{b}a8"] = (f"Q-DiT w{b}a8 and RTN with dynamic per-sample groups (the paper's mode)",
+                                            [row("fp")] + [r for r in qdit_rows(row, (b,)) if "per-sample" in r.label])
     return sets
 
 
