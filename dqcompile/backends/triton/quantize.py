@@ -64,6 +64,11 @@ __all__ = ["GELU_APPROXIMATIONS", "gelu_quantize", "ln_modulate_quantize", "quan
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
+# `_divide_by_group`'s fast division needs an exact FMA remainder, which underflows for dividends below
+# about 2^-102; a code can hang on such a dividend's quotient only in a group whose scale is below about
+# 2^-101 (a code boundary (k + 1/2) * scale is at least scale / 2). Blocks holding a nonzero group under
+# this scale divide with div_rn instead: groups of values below ~1e-27, which real activations never are.
+_FAST_DIVISION_MIN_SCALE = tl.constexpr(2.0 ** -96)
 # Elements per program for the memory-bound kernels: enough work per program to hide latency with
 # few rows (a 1,152-wide row is 1,152 lanes in two segments, so two rows per program).
 _TILE_ELEMENTS = 4096
@@ -146,8 +151,16 @@ def _scale_zero(lo, hi, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _divide_by_group(h, scale):
-    """h / scale correctly rounded (div_rn's result), for a divisor shared by a whole group.
+def _needs_exact_division(lo, hi, scale):
+    """Whether a block of groups [R, G] (range lo..hi, scale) holds a nonzero group whose scale is below
+    `_FAST_DIVISION_MIN_SCALE`, where `_divide_by_group` must divide exactly (a scalar)."""
+    return tl.max(((hi > lo) & (scale < _FAST_DIVISION_MIN_SCALE)).to(tl.int32)) > 0
+
+
+@triton.jit
+def _divide_by_group(h, scale, exact):
+    """h / scale for a divisor shared by a whole group: div_rn's correctly rounded quotient wherever the
+    quotient's last bit can change a code.
 
     div_rn per element refines an approximate reciprocal with an FMA step, multiplies, corrects the
     quotient with two FMAs (remainder h - q * scale, exact in the FMA; then q + remainder * r) and
@@ -156,31 +169,38 @@ def _divide_by_group(h, scale):
     multiply and the two correcting FMAs alone. The range check has nothing to catch: scale >=
     MIN_SCALE, whose reciprocal is finite and normal, and |h / scale| is at most 2^bits. A group holding
     an inf has an infinite scale and a NaN remainder; its first quotient is kept, which is IEEE's h / inf
-    (0 for finite h, NaN for inf). The interpreter, whose FMA rounds twice, divides. The CUDA test
-    `test_cuda_quantize_act_division_is_correctly_rounded` checks codes against the reference's division
-    on magnitudes from 2^-60 to 2^60, exact ties and an inf, and the DiT-shape tests check 18.9M codes.
+    (0 for finite h, NaN for inf). Below |h| ~ 2^-102 the remainder underflows and the quotient may be an
+    ulp off; that moves no code unless the group's scale is tiny too, and blocks with such a group
+    (`exact`, from `_needs_exact_division`) take div_rn. The interpreter, whose FMA rounds twice,
+    divides. The CUDA test `test_cuda_quantize_act_division_is_correctly_rounded` checks codes against
+    the reference's division on magnitudes from 2^-60 to 2^60, tiny and subnormal groups, exact ties and
+    an inf; the DiT-shape tests check 18.9M codes.
     """
     if _INTERPRETED:
         return tl.math.div_rn(h, scale)
-    reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    first = h * reciprocal
-    remainder = tl.fma(-first, scale, h)
-    return tl.where(remainder == remainder, tl.fma(remainder, reciprocal, first), first)
+    if exact:
+        quotient = tl.math.div_rn(h, scale)
+    else:
+        reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        first = h * reciprocal
+        remainder = tl.fma(-first, scale, h)
+        quotient = tl.where(remainder == remainder, tl.fma(remainder, reciprocal, first), first)
+    return quotient
 
 
 @triton.jit
-def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, valid, scale, zero,
+def _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h, cols, valid, scale, zero, exact,
                    G0: tl.constexpr, SEG_G: tl.constexpr, NUM_GROUPS: tl.constexpr, GROUP_LEN: tl.constexpr,
                    BITS: tl.constexpr, STORE_H: tl.constexpr):
     """Codes of float32 h [R, G, L] (a row segment) into the contiguous [rows, C] int8 output, and the
-    segment's group scales and zero points [R, G] into theirs.
+    segment's group scales and zero points [R, G] into theirs. `exact`: see `_divide_by_group`.
 
     Codes are clamped while still float, so the integer conversion never sees an out-of-range value (an
     all-but-zero group divided by MIN_SCALE); padding lanes of h must be finite (their codes are dropped).
     """
     QMIN: tl.constexpr = -(1 << (BITS - 1))
     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    codes = _round_half_even(_divide_by_group(h, scale[:, :, None])) + zero[:, :, None].to(tl.float32)
+    codes = _round_half_even(_divide_by_group(h, scale[:, :, None], exact)) + zero[:, :, None].to(tl.float32)
     codes = tl.minimum(tl.maximum(codes, QMIN), QMAX)
     offs = rows[:, None, None] * (NUM_GROUPS * GROUP_LEN) + cols  # rows are int64: offsets may pass 2^31
     tl.store(q_ptr + offs, codes.to(tl.int8), mask=valid)
@@ -208,10 +228,10 @@ def _quantize_segments(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, col
             lo_b, hi_b = lo_a, hi_a
         scale_b, zero_b = _scale_zero(lo_b, hi_b, BITS, SYMMETRIC)
         _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_b, cols_b, valid_b, scale_b, zero_b,
-                       B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+                       _needs_exact_division(lo_b, hi_b, scale_b), B_G0, B_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
     scale_a, zero_a = _scale_zero(lo_a, hi_a, BITS, SYMMETRIC)
     _store_segment(q_ptr, scale_ptr, zero_ptr, h_ptr, rows, row_ok, h_a, cols_a, valid_a, scale_a, zero_a,
-                   0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
+                   _needs_exact_division(lo_a, hi_a, scale_a), 0, A_G, NUM_GROUPS, GROUP_LEN, BITS, STORE_H)
 
 
 @triton.jit
