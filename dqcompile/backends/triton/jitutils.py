@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dqcompile.backends.triton.mutation_analysis import memoize_mutation_analysis
-
 try:
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - old Triton
@@ -50,12 +48,9 @@ def launcher(kernel: Any) -> Any:
     Inductor's generated code makes it; directly in plain eager code on real tensors, as triton_op's own
     eager path does. (Eager launches through the wrapper measured 0.52-0.82 ms per GEMM on an H200 where
     the kernel takes 0.02-0.2 ms: torch dispatches them as a higher-order op.) Directly under the
-    interpreter too, unless something traces: torch before 2.12 refuses to wrap an interpreted kernel.
-    A traced launch also makes sure torch's analysis of what a launch writes is memoized
-    (`mutation_analysis`): unmemoized, it dominates the compile of a large model."""
+    interpreter too, unless something traces: torch before 2.12 refuses to wrap an interpreted kernel."""
     if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
         return kernel
-    memoize_mutation_analysis()
     return torch.library.wrap_triton(kernel)
 
 
