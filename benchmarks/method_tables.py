@@ -160,7 +160,7 @@ def qdit_rows(row: Callable[..., Any], bits: tuple[int, ...] = (4, 6)) -> list[A
 
 
 # The group-size search of the Q-DiT rows: FID fitness on 256 samples, a population of 8 over 2
-# generations (evaluate.py's defaults, about 30 fitness evaluations).
+# generations (evaluate.py's defaults; at most 20 fitness evaluations, repeats not evaluated again).
 QDIT_SEARCH = {"fitness": "fid", "samples": 256, "population": 8, "iterations": 2}
 
 
